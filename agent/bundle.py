@@ -1,0 +1,171 @@
+"""The stage bundle: one directory per pipeline stage, written by the compiler, loaded by an agent.
+
+A bundle is ``stage.onnx`` (the stage's graph), ``stage.onnx.data`` (only the weights this stage
+uses, as ONNX external data) and ``stage.json`` (this manifest). The manifest pins the sha256 of
+every file so a device refuses a bundle that was truncated, corrupted or mixed up in transit.
+
+This module is the one definition of the format. It is imported by the agent on the device, so it
+uses nothing but the standard library. See docs/formats.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMAT = "edgepipe.stage-bundle"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "stage.json"
+GRAPH_NAME = "stage.onnx"
+DATA_NAME = "stage.onnx.data"
+
+# Numpy dtype strings the wire protocol and manifests use; ONNX element types map onto these.
+SUPPORTED_DTYPES = ("float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool")
+
+
+class BundleError(ValueError):
+    """A bundle is missing, corrupted or not one this agent can run. The message names the file."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A stage input or output. ``shape`` holds ints for fixed axes and strings for symbolic
+    ones (``"batch"``); the batch axis is always axis 0."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+    def bytes_per_sample(self) -> int | None:
+        """Bytes of one sample (axis 0 excluded), or None when another axis is symbolic."""
+        import math
+
+        rest = self.shape[1:]
+        if any(not isinstance(d, int) for d in rest):
+            return None
+        return math.prod(rest) * _ITEMSIZE[self.dtype]
+
+
+_ITEMSIZE = {"float32": 4, "float16": 2, "float64": 8, "int64": 8, "int32": 4, "int8": 1,
+             "uint8": 1, "bool": 1}
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    sha256: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class StageManifest:
+    """Everything an agent needs to know about its stage, without opening the ONNX file."""
+
+    model_id: str  # e.g. "vit_base_patch16_224"
+    model_sha256: str  # hash of the whole exported model graph + weights this stage was cut from
+    stage_index: int  # 0-based
+    stage_count: int
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    files: dict[str, FileEntry]  # file name (relative to the bundle dir) -> hash and size
+    cut_in: str | None  # label of the cut this stage starts at; None for the first stage
+    cut_out: str | None  # label of the cut this stage ends at; None for the last stage
+    weight_bytes: int  # bytes of initializers this stage holds
+    compile_settings: dict[str, Any] = field(default_factory=dict)  # opset, exporter versions, ...
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @staticmethod
+    def from_dict(raw: dict[str, Any], source: str = "stage.json") -> StageManifest:
+        if raw.get("format") != FORMAT:
+            raise BundleError(f"{source}: not an EdgePipe stage bundle manifest (format={raw.get('format')!r})")
+        version = raw.get("format_version")
+        if version != FORMAT_VERSION:
+            raise BundleError(
+                f"{source}: bundle format version {version} is not supported by this agent "
+                f"(supports {FORMAT_VERSION}); recompile or upgrade edgepipe"
+            )
+        try:
+            return StageManifest(
+                model_id=str(raw["model_id"]),
+                model_sha256=str(raw["model_sha256"]),
+                stage_index=int(raw["stage_index"]),
+                stage_count=int(raw["stage_count"]),
+                inputs=tuple(_tensor_spec(t) for t in raw["inputs"]),
+                outputs=tuple(_tensor_spec(t) for t in raw["outputs"]),
+                files={k: FileEntry(str(v["sha256"]), int(v["bytes"])) for k, v in raw["files"].items()},
+                cut_in=raw.get("cut_in"),
+                cut_out=raw.get("cut_out"),
+                weight_bytes=int(raw["weight_bytes"]),
+                compile_settings=dict(raw.get("compile_settings", {})),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"{source}: malformed manifest field: {exc!r}") from exc
+
+
+def _tensor_spec(raw: dict[str, Any]) -> TensorSpec:
+    dtype = str(raw["dtype"])
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r} for tensor {raw.get('name')!r}")
+    return TensorSpec(str(raw["name"]), dtype, tuple(d if isinstance(d, str) else int(d) for d in raw["shape"]))
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_entries(bundle_dir: Path, names: list[str]) -> dict[str, FileEntry]:
+    """Hash the named files of a bundle being written."""
+    return {n: FileEntry(sha256_file(bundle_dir / n), (bundle_dir / n).stat().st_size) for n in names}
+
+
+def write_manifest(bundle_dir: Path, manifest: StageManifest) -> Path:
+    path = Path(bundle_dir) / MANIFEST_NAME
+    path.write_text(manifest.to_json() + "\n")
+    return path
+
+
+def read_manifest(bundle_dir: Path) -> StageManifest:
+    """Parse stage.json without checking the other files (cheap; for listings)."""
+    path = Path(bundle_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise BundleError(f"{path}: missing; is {bundle_dir} a stage bundle directory?")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path}: unreadable manifest: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise BundleError(f"{path}: manifest is not a JSON object")
+    return StageManifest.from_dict(raw, source=str(path))
+
+
+def load_bundle(bundle_dir: Path | str) -> StageManifest:
+    """Read the manifest and verify size and sha256 of every file it lists.
+
+    Raises BundleError naming the first file that is missing, truncated or altered.
+    """
+    bundle_dir = Path(bundle_dir)
+    manifest = read_manifest(bundle_dir)
+    if GRAPH_NAME not in manifest.files:
+        raise BundleError(f"{bundle_dir / MANIFEST_NAME}: lists no {GRAPH_NAME}")
+    for name, entry in manifest.files.items():
+        path = bundle_dir / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise BundleError(f"{bundle_dir / MANIFEST_NAME}: file name {name!r} escapes the bundle")
+        if not path.is_file():
+            raise BundleError(f"{path}: missing from the bundle")
+        size = path.stat().st_size
+        if size != entry.bytes:
+            raise BundleError(f"{path}: size {size} bytes, manifest says {entry.bytes} (truncated or replaced)")
+        if sha256_file(path) != entry.sha256:
+            raise BundleError(f"{path}: sha256 mismatch (corrupted or modified after compile)")
+    return manifest

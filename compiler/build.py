@@ -1,0 +1,258 @@
+"""From a model name or ONNX file to verified stage bundles: the compiler's one entry point.
+
+    source -> export (cached) -> cut discovery -> choose cuts -> slice -> verify -> compile.json
+
+Cuts come from, in order of precedence: an explicit list (``cuts``), a plan file, a cluster file
+(the planner chooses devices and cuts), or ``stages`` (N stages balanced by estimated FLOPs over
+the model's natural boundaries).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+
+from edgepipe.compiler.cuts import Cut, CutError, find_cuts, natural_cuts, resolve_cuts
+from edgepipe.compiler.export import DEFAULT_OPSET, export_model, sha256_files
+from edgepipe.compiler.graph import GraphIndex, index_graph
+from edgepipe.compiler.segments import balanced_partition, model_spec
+from edgepipe.compiler.slicing import ModelIdentity, slice_model
+from edgepipe.compiler.verify import DEFAULT_TOLERANCE, Verification, VerificationError, verify_chain
+from edgepipe.models.registry import get_model
+from edgepipe.planner.problem import ModelSpec
+
+COMPILE_SUMMARY = "compile.json"
+
+# Progress callback: (step name, fraction done 0..1).
+Progress = Callable[[str, float], None]
+
+
+class CompileError(RuntimeError):
+    """Anything that stops a compile, with a message meant for the user."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: ir.Model
+    path: Path
+    identity: ModelIdentity
+    index: GraphIndex
+    natural_pattern: str | None
+    export_cached: bool
+
+
+@dataclass(frozen=True)
+class CompileResult:
+    model_id: str
+    model_sha256: str
+    model_path: Path  # the whole model (for baselines and reference outputs)
+    out_dir: Path
+    bundle_dirs: list[Path]
+    cuts: list[Cut]
+    verification: Verification | None
+    export_cached: bool
+    plan: Any = None  # edgepipe.planner.plan.Plan when a cluster or plan chose the cuts
+    stage_rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+def load_model(
+    model: str | None = None,
+    onnx: Path | None = None,
+    checkpoint: Path | None = None,
+    opset: int = DEFAULT_OPSET,
+    progress: Progress | None = None,
+) -> LoadedModel:
+    """Export a registry model (cached) or open an ONNX file; weights stay memory-mapped."""
+    if (model is None) == (onnx is None):
+        raise CompileError("give either a model name or --onnx FILE, not both")
+    if onnx is not None:
+        path = Path(onnx)
+        if not path.is_file():
+            raise CompileError(f"ONNX file {path} does not exist")
+        loaded = _load_ir(path)
+        loaded = _with_shapes(loaded, path)
+        identity = ModelIdentity(path.stem, sha256_files(_model_files(path, loaded)), {"source": "onnx"})
+        return LoadedModel(loaded, path, identity, index_graph(loaded.graph), None, False)
+
+    entry = get_model(model)  # type: ignore[arg-type]
+    if progress:
+        progress(f"exporting {entry.name}", 0.0)
+    exported = export_model(entry, checkpoint=checkpoint, opset=opset)
+    loaded = _load_ir(exported.path)
+    identity = ModelIdentity(entry.name, exported.model_sha256, exported.settings)
+    return LoadedModel(loaded, exported.path, identity, index_graph(loaded.graph), entry.natural_cuts,
+                       exported.cached)
+
+
+def _load_ir(path: Path) -> ir.Model:
+    try:
+        return ir.load(path)
+    except Exception as exc:  # noqa: BLE001 - any parse failure means "not a usable ONNX file"
+        raise CompileError(f"{path}: not a readable ONNX model: {exc}") from exc
+
+
+def _model_files(path: Path, model: ir.Model) -> list[Path]:
+    files = {path}
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            files.add(Path(tensor.path))
+    return sorted(files)
+
+
+def _with_shapes(model: ir.Model, path: Path) -> ir.Model:
+    """Run ONNX shape inference when intermediate tensors lack shapes (hand-made or old exports)."""
+    graph = model.graph
+    produced = [v for node in graph for v in node.outputs]
+    if all(v.shape is not None and v.dtype is not None for v in produced):
+        return model
+    from onnx_ir.passes.common import ShapeInferencePass
+
+    try:
+        return ShapeInferencePass(strict_mode=False).call(model).model
+    except Exception as exc:  # noqa: BLE001
+        raise CompileError(f"{path}: shape inference failed ({exc}); export the model with value_info") from exc
+
+
+def candidate_cuts(loaded: LoadedModel, max_tensors: int = 1) -> list[Cut]:
+    return find_cuts(loaded.index, max_tensors=max_tensors)
+
+
+def spec_for(loaded: LoadedModel, cuts: list[Cut]) -> ModelSpec:
+    graph = loaded.model.graph
+    return model_spec(loaded.index, cuts, loaded.identity.model_id, loaded.identity.model_sha256,
+                      outputs=[v.name for v in graph.outputs], inputs=[v.name for v in graph.inputs])
+
+
+def balanced_cuts(loaded: LoadedModel, stages: int, candidates: list[Cut]) -> list[Cut]:
+    """N stages with FLOPs as even as the natural boundaries allow."""
+    pool = natural_cuts(candidates, loaded.natural_pattern)
+    if stages - 1 > len(pool):
+        raise CompileError(f"asked for {stages} stages but the model has only {len(pool)} cut points")
+    if stages == 1:
+        return []
+    spec = spec_for(loaded, pool)
+    starts = balanced_partition([s.flops for s in spec.segments], stages)
+    return [pool[i - 1] for i in starts]
+
+
+def compile_model(
+    model: str | None,
+    out_dir: Path,
+    *,
+    onnx: Path | None = None,
+    stages: int | None = None,
+    cuts: list[str] | None = None,
+    plan: Any = None,
+    checkpoint: Path | None = None,
+    opset: int = DEFAULT_OPSET,
+    max_tensors: int = 1,
+    verify: bool = True,
+    tolerance: float = DEFAULT_TOLERANCE,
+    progress: Progress | None = None,
+) -> CompileResult:
+    """Compile ``model`` into bundles in ``out_dir/stage-K``.
+
+    ``plan`` is an ``edgepipe.planner.plan.Plan``; its stages' ``cut_in`` labels are the cuts.
+    """
+    out_dir = Path(out_dir)
+    loaded = load_model(model, onnx, checkpoint, opset, progress)
+    # A plan made at sub-block granularity names multi-tensor cuts; a label names one position
+    # whatever the width, so look wide enough to find them.
+    candidates = candidate_cuts(loaded, max_tensors=max_tensors if plan is None else max(max_tensors, 4))
+    if cuts:
+        chosen = resolve_cuts(loaded.index, candidates, cuts)
+    elif plan is not None:
+        labels = [s.cut_in for s in plan.stages[1:]]
+        if plan.model_sha256 and plan.model_sha256 != loaded.identity.model_sha256:
+            raise CompileError(
+                f"the plan was made for model hash {plan.model_sha256[:12]}, this model is "
+                f"{loaded.identity.model_sha256[:12]}; re-plan for this model"
+            )
+        chosen = resolve_cuts(loaded.index, candidates, labels)
+    else:
+        chosen = balanced_cuts(loaded, stages or 1, candidates)
+
+    total = len(chosen) + 1
+
+    def on_stage(k: int) -> None:
+        if progress:
+            progress(f"slicing stage {k + 1}/{total}", (k + 1) / total)
+
+    if progress:
+        progress("slicing", 0.0)
+    bundle_dirs = slice_model(loaded.model, chosen, out_dir, loaded.identity, on_stage=on_stage)
+    verification = None
+    if verify:
+        if progress:
+            progress("verifying chained stages against the whole model", 1.0)
+        verification = verify_chain(loaded.path, bundle_dirs, tolerance=tolerance)
+    result = CompileResult(
+        model_id=loaded.identity.model_id,
+        model_sha256=loaded.identity.model_sha256,
+        model_path=loaded.path,
+        out_dir=out_dir,
+        bundle_dirs=bundle_dirs,
+        cuts=chosen,
+        verification=verification,
+        export_cached=loaded.export_cached,
+        plan=plan,
+        stage_rows=stage_rows(bundle_dirs),
+    )
+    write_summary(result)
+    if verification is not None and not verification.passed:
+        raise VerificationError(
+            f"chained stages differ from the whole model by {verification.worst:.3g} "
+            f"(tolerance {verification.tolerance:g}); bundles left in {out_dir} for inspection"
+        )
+    return result
+
+
+def stage_rows(bundle_dirs: list[Path]) -> list[dict[str, Any]]:
+    from edgepipe.agent.bundle import read_manifest
+
+    rows = []
+    for bundle_dir in bundle_dirs:
+        m = read_manifest(bundle_dir)
+        out_bytes = [o.bytes_per_sample() for o in m.outputs]
+        rows.append({
+            "stage": m.stage_index,
+            "dir": str(bundle_dir),
+            "cut_in": m.cut_in,
+            "cut_out": m.cut_out,
+            "weight_bytes": m.weight_bytes,
+            "params": m.weight_bytes // 4,
+            "out_bytes_per_sample": None if None in out_bytes else sum(out_bytes),
+            "outputs": [o.name for o in m.outputs],
+        })
+    return rows
+
+
+def write_summary(result: CompileResult) -> Path:
+    summary = {
+        "format": "edgepipe.compile-summary",
+        "format_version": 1,
+        "model_id": result.model_id,
+        "model_sha256": result.model_sha256,
+        "model_path": str(result.model_path),
+        "cuts": [{"label": c.label, "tensors": list(c.tensors), "bytes_per_sample": c.bytes_per_sample}
+                 for c in result.cuts],
+        "stages": result.stage_rows,
+        "verification": None if result.verification is None else {
+            "max_abs_diff": result.verification.max_abs_diff,
+            "tolerance": result.verification.tolerance,
+            "batch": result.verification.batch,
+            "passed": result.verification.passed,
+        },
+    }
+    path = result.out_dir / COMPILE_SUMMARY
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    return path
+
+
+__all__ = ["CompileError", "CompileResult", "CutError", "VerificationError", "compile_model", "load_model"]

@@ -1,0 +1,203 @@
+"""`edgepipe-compile`: turn a model into one verified stage bundle per device."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from edgepipe.agent.bundle import BundleError
+from edgepipe.compiler.build import CompileError, CompileResult, candidate_cuts, compile_model, load_model, spec_for
+from edgepipe.compiler.cuts import Cut, CutError
+from edgepipe.compiler.export import DEFAULT_OPSET, ExportError
+from edgepipe.compiler.verify import DEFAULT_TOLERANCE, VerificationError
+from edgepipe.models.registry import REGISTRY, ModelError
+
+app = typer.Typer(add_completion=False, rich_markup_mode="rich", pretty_exceptions_enable=False)
+console = Console()
+err = Console(stderr=True)
+
+USER_ERRORS = (CompileError, CutError, ExportError, VerificationError, ModelError, BundleError, OSError)
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  edgepipe-compile vit_base_patch16_224 -o build/vitb --stages 4\n\n"
+        "  edgepipe-compile vit_base_patch16_224 -o build/vitb --cuts blocks.4,blocks.8\n\n"
+        "  edgepipe-compile vit_large_patch16_224 -o build/vitl --cluster cluster.toml\n\n"
+        "  edgepipe-compile --onnx model.onnx -o build/m --list-cuts --max-tensors 2"
+    )
+)
+def compile_command(
+    model: Annotated[Optional[str], typer.Argument(help="Registry model name (see --list-models).")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the stage bundles.")] = Path("build"),
+    onnx: Annotated[Optional[Path], typer.Option(help="Compile this ONNX file (external data beside it).")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Local weights (.pth/.safetensors) to load.")] = None,
+    stages: Annotated[Optional[int], typer.Option(help="Split into N stages balanced by estimated FLOPs.")] = None,
+    cuts: Annotated[Optional[str], typer.Option(help="Comma-separated cut labels or tensor names.")] = None,
+    cluster: Annotated[Optional[Path], typer.Option(help="Cluster TOML: the planner picks devices and cuts.")] = None,
+    plan: Annotated[Optional[Path], typer.Option(help="Slice by an existing plan.json.")] = None,
+    microbatch: Annotated[int, typer.Option(help="Microbatch size the plan is made for.")] = 8,
+    max_tensors: Annotated[int, typer.Option(help="Allow cuts carrying up to N tensors (2 = sub-block).")] = 1,
+    list_cuts: Annotated[bool, typer.Option("--list-cuts", help="Print the candidate cut table and stop.")] = False,
+    list_models: Annotated[bool, typer.Option("--list-models", help="Print the model registry and stop.")] = False,
+    problem_out: Annotated[Optional[Path], typer.Option(help="With --cluster: also write the planner problem.")] = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset for the export.")] = DEFAULT_OPSET,
+    verify: Annotated[bool, typer.Option(help="Check chained stages reproduce the whole model.")] = True,
+    tolerance: Annotated[float, typer.Option(help="Largest allowed |difference| when verifying.")] = DEFAULT_TOLERANCE,
+    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")] = False,
+) -> None:
+    """Export a model to ONNX, find where it can be cut, and slice it into hash-checked stage bundles.
+
+    Each bundle (OUT/stage-K) holds the stage's graph, only the weights it uses, and a manifest
+    with the sha256 of every file. By default the chained stages are run against the whole model
+    in ONNX Runtime and the compile fails if they differ beyond --tolerance.
+    """
+    try:
+        if list_models:
+            _print_models(as_json)
+            return
+        if list_cuts:
+            _list_cuts(model, onnx, checkpoint, opset, max_tensors, as_json)
+            return
+        chosen = [c for c in cuts.split(",") if c.strip()] if cuts else None
+        if sum(x is not None for x in (stages, chosen, cluster, plan)) > 1:
+            raise CompileError("choose one of --stages, --cuts, --cluster, --plan")
+        plan_obj = None
+        if cluster is not None:
+            plan_obj = _plan_for_cluster(model, onnx, checkpoint, opset, cluster, microbatch, max_tensors,
+                                         out, problem_out, as_json)
+        elif plan is not None:
+            from edgepipe.planner.plan import load_plan
+
+            plan_obj = load_plan(plan)
+        result = _compile_with_progress(
+            model, out, onnx=onnx, stages=stages, cuts=chosen, plan=plan_obj, checkpoint=checkpoint,
+            opset=opset, max_tensors=max_tensors, verify=verify, tolerance=tolerance, quiet=as_json,
+        )
+    except USER_ERRORS as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    except ValueError as exc:  # planner/cluster input errors are ValueErrors with a clear message
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    if as_json:
+        print(json.dumps(json.loads((result.out_dir / "compile.json").read_text()), indent=2))
+    else:
+        _print_result(result)
+
+
+def _compile_with_progress(model, out, quiet: bool, **kwargs) -> CompileResult:
+    if quiet:
+        return compile_model(model, out, **kwargs)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=err,
+                  transient=True) as bar:
+        task = bar.add_task("loading", total=1.0)
+
+        def progress(step: str, fraction: float) -> None:
+            bar.update(task, description=step, completed=fraction)
+
+        return compile_model(model, out, progress=progress, **kwargs)
+
+
+def _print_models(as_json: bool) -> None:
+    if as_json:
+        print(json.dumps([{"name": e.name, "family": e.family, "input_shape": e.input_shape,
+                           "description": e.description} for e in REGISTRY.values()], indent=2))
+        return
+    table = Table(title="Models (random weights unless --checkpoint)")
+    for col in ("name", "family", "input", "description"):
+        table.add_column(col)
+    for e in REGISTRY.values():
+        table.add_row(e.name, e.family, "x".join(map(str, e.input_shape)), e.description)
+    console.print(table)
+
+
+def _list_cuts(model, onnx, checkpoint, opset, max_tensors, as_json) -> None:
+    loaded = load_model(model, onnx, checkpoint, opset)
+    cuts = candidate_cuts(loaded, max_tensors)
+    spec = spec_for(loaded, cuts)
+    rows = [_cut_row(c, s) for c, s in zip(cuts, spec.segments[1:])]
+    if as_json:
+        print(json.dumps({"model_id": loaded.identity.model_id, "model_sha256": loaded.identity.model_sha256,
+                          "cuts": rows}, indent=2))
+        return
+    table = Table(title=f"Candidate cuts of {loaded.identity.model_id} (≤{max_tensors} tensor(s))")
+    for col, justify in (("#", "right"), ("label", "left"), ("tensors", "left"), ("bytes/sample", "right"),
+                         ("next segment GFLOP", "right"), ("next segment weights", "right")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for i, row in enumerate(rows):
+        table.add_row(str(i), row["label"], ", ".join(row["tensors"]), _size(row["bytes_per_sample"]),
+                      f"{row['segment_gflop']:.3f}", _size(row["segment_weight_bytes"]))
+    console.print(table)
+
+
+def _cut_row(cut: Cut, segment) -> dict:
+    return {"label": cut.label, "position": cut.position, "tensors": list(cut.tensors),
+            "bytes_per_sample": cut.bytes_per_sample, "segment_gflop": segment.flops / 1e9,
+            "segment_weight_bytes": segment.weight_bytes}
+
+
+def _plan_for_cluster(model, onnx, checkpoint, opset, cluster_path, microbatch, max_tensors, out,
+                      problem_out, quiet):
+    from edgepipe.planner.cluster import load_cluster, problem_for
+    from edgepipe.planner.explain import render_explain
+    from edgepipe.planner.plan import save_plan
+    from edgepipe.planner.problem import save_problem
+    from edgepipe.planner.solver import solve
+
+    loaded = load_model(model, onnx, checkpoint, opset)
+    cluster = load_cluster(cluster_path)
+    spec = spec_for(loaded, candidate_cuts(loaded, max_tensors))
+    problem = problem_for(cluster, spec, microbatch)
+    if problem_out is not None:
+        save_problem(problem, problem_out)
+    plan = solve(problem)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    save_plan(plan, Path(out) / "plan.json")
+    if not quiet:
+        render_explain(problem, plan, console=console)
+    return plan
+
+
+def _print_result(result: CompileResult) -> None:
+    table = Table(title=f"{result.model_id}: {len(result.bundle_dirs)} stage bundle(s) in {result.out_dir}")
+    for col, justify in (("stage", "right"), ("from cut", "left"), ("to cut", "left"), ("params", "right"),
+                         ("weights", "right"), ("out bytes/sample", "right")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for row in result.stage_rows:
+        table.add_row(str(row["stage"]), row["cut_in"] or "(input)", row["cut_out"] or "(output)",
+                      f"{row['params'] / 1e6:.2f} M", _size(row["weight_bytes"]), _size(row["out_bytes_per_sample"]))
+    console.print(table)
+    source = "cached export" if result.export_cached else "fresh export"
+    console.print(f"model {result.model_path} ({source}, sha256 {result.model_sha256[:12]})")
+    if result.verification is not None:
+        v = result.verification
+        console.print(f"verified: chained stages vs whole model, batch {v.batch}: max |Δ| = {v.worst:.3g} "
+                      f"(tolerance {v.tolerance:g}) [green]OK[/green]")
+    else:
+        console.print("[yellow]not verified (--no-verify)[/yellow]")
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""Facts about an ONNX graph that cut discovery, slicing and the planner's cost model share.
+
+One linear pass over the nodes (ONNX requires topological order) yields, for every activation
+tensor, where it is produced and where it is last used; from those, which tensors cross the boundary
+in front of each node, how many bytes are alive there, and which module the node belongs to.
+"Activation" means a value that depends on a graph input: initializers, Constant outputs and
+anything computed only from them are recomputed inside every stage that needs them, so they never
+cross a cut.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+
+
+@dataclass(frozen=True)
+class GraphIndex:
+    nodes: tuple[ir.Node, ...]
+    produced_at: dict[str, int]  # activation -> index of the producing node (-1: graph input)
+    last_used_at: dict[str, int]  # activation -> index of its last consumer (len(nodes): graph output)
+    bytes_per_sample: dict[str, int | None]  # activation -> bytes of one sample (None: unknown shape)
+    module_paths: tuple[tuple[str, ...], ...]  # per node: enclosing modules, outermost first
+    weight_names: tuple[frozenset[str], ...]  # per node: initializers it reads
+    initializer_bytes: dict[str, int]
+
+    @property
+    def size(self) -> int:
+        return len(self.nodes)
+
+    def crossing(self, position: int) -> list[str]:
+        """Activations produced before node ``position`` and used at or after it, in production order."""
+        return sorted(
+            (v for v, p in self.produced_at.items() if p < position <= self.last_used_at.get(v, -2)),
+            key=lambda v: (self.produced_at[v], v),
+        )
+
+
+def index_graph(graph: ir.Graph) -> GraphIndex:
+    nodes = tuple(graph)
+    input_names = {v.name for v in graph.inputs}
+    produced_at: dict[str, int] = {name: -1 for name in input_names}
+    last_used_at: dict[str, int] = {}
+    values: dict[str, ir.Value] = {v.name: v for v in graph.inputs}
+    weight_names: list[frozenset[str]] = []
+    initializers = graph.initializers
+
+    for i, node in enumerate(nodes):
+        reads = []
+        dynamic = False
+        for value in node.inputs:
+            if value is None:
+                continue
+            if value.name in produced_at:
+                last_used_at[value.name] = i
+                dynamic = True
+            elif value.name in initializers:
+                reads.append(value.name)
+        weight_names.append(frozenset(reads))
+        if dynamic:
+            for out in node.outputs:
+                produced_at[out.name] = i
+                values[out.name] = out
+    for out in graph.outputs:
+        if out.name in produced_at:
+            last_used_at[out.name] = len(nodes)
+
+    return GraphIndex(
+        nodes=nodes,
+        produced_at=produced_at,
+        last_used_at=last_used_at,
+        bytes_per_sample={name: value_bytes_per_sample(v) for name, v in values.items()},
+        module_paths=tuple(module_path(n) for n in nodes),
+        weight_names=tuple(weight_names),
+        initializer_bytes={name: tensor_bytes(v) for name, v in initializers.items()},
+    )
+
+
+def module_path(node: ir.Node) -> tuple[str, ...]:
+    """The modules enclosing ``node`` per the exporter's name_scopes metadata, outermost first.
+
+    The dynamo exporter records ``['', 'blocks', 'blocks.3', 'blocks.3.norm1', 'layer_norm_6']``:
+    the root, the module path, then the node's own FX name, which is dropped here.
+    """
+    raw = node.metadata_props.get(SCOPES_KEY)
+    if not raw:
+        return ()
+    try:
+        import ast
+
+        scopes = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return ()
+    return tuple(s for s in scopes[:-1] if s)
+
+
+def value_bytes_per_sample(value: ir.Value) -> int | None:
+    """Bytes of one sample of ``value`` (axis 0 is the batch), None when unknown."""
+    if value.shape is None or value.dtype is None or len(value.shape) == 0:
+        return None
+    rest = value.shape[1:]
+    if not all(isinstance(d, int) for d in rest):
+        return None
+    return math.prod(rest) * dtype_itemsize(value.dtype)
+
+
+def dtype_itemsize(dtype: ir.DataType) -> int:
+    return np.dtype(dtype.numpy()).itemsize
+
+
+def numpy_dtype_name(dtype: ir.DataType) -> str:
+    return np.dtype(dtype.numpy()).name
+
+
+def tensor_bytes(value: ir.Value) -> int:
+    tensor = value.const_value
+    if tensor is not None:
+        return int(tensor.nbytes)
+    if value.shape is None or value.dtype is None or not all(isinstance(d, int) for d in value.shape):
+        return 0
+    return math.prod(value.shape) * dtype_itemsize(value.dtype)
+
+
+def node_flops_per_sample(node: ir.Node) -> float:
+    """Rough multiply-add count of one sample: exact for MatMul/Gemm/Conv, one per element otherwise.
+
+    Only used to balance stages before anything is measured and for what-if device speeds, so the
+    dominant ops matter and the rest is a rounding error.
+    """
+    out = node.outputs[0] if node.outputs else None
+    if out is None or out.shape is None or not all(isinstance(d, int) for d in out.shape[1:]):
+        return 0.0
+    out_elems = math.prod(out.shape[1:]) if len(out.shape) > 1 else 1
+    first = node.inputs[0] if node.inputs else None
+    if node.op_type in ("MatMul", "Gemm") and first is not None and first.shape is not None:
+        k = first.shape[-1]
+        if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
+            k = first.shape[0]
+        return 2.0 * out_elems * k if isinstance(k, int) else float(out_elems)
+    if node.op_type == "Conv" and len(node.inputs) > 1 and node.inputs[1] is not None:
+        weight = node.inputs[1]
+        if weight.shape is not None and all(isinstance(d, int) for d in weight.shape):
+            return 2.0 * out_elems * math.prod(weight.shape[1:])
+    return float(out_elems)
