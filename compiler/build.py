@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import onnx_ir as ir
-
 from edgepipe.compiler.cuts import Cut, CutError, find_cuts, natural_cuts, resolve_cuts
 from edgepipe.compiler.export import DEFAULT_OPSET, export_model, sha256_files
 from edgepipe.compiler.graph import GraphIndex, index_graph
@@ -92,7 +91,7 @@ def load_model(
 def _load_ir(path: Path) -> ir.Model:
     try:
         return ir.load(path)
-    except Exception as exc:  # noqa: BLE001 - any parse failure means "not a usable ONNX file"
+    except Exception as exc:
         raise CompileError(f"{path}: not a readable ONNX model: {exc}") from exc
 
 
@@ -115,7 +114,7 @@ def _with_shapes(model: ir.Model, path: Path) -> ir.Model:
 
     try:
         return ShapeInferencePass(strict_mode=False).call(model).model
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise CompileError(f"{path}: shape inference failed ({exc}); export the model with value_info") from exc
 
 
@@ -130,10 +129,14 @@ def spec_for(loaded: LoadedModel, cuts: list[Cut]) -> ModelSpec:
 
 
 def balanced_cuts(loaded: LoadedModel, stages: int, candidates: list[Cut]) -> list[Cut]:
-    """N stages with FLOPs as even as the natural boundaries allow."""
+    """N stages with FLOPs as even as the natural boundaries (block inputs) allow; finer candidate
+    cuts (block halves) are used when N is larger than the number of blocks."""
     pool = natural_cuts(candidates, loaded.natural_pattern)
     if stages - 1 > len(pool):
-        raise CompileError(f"asked for {stages} stages but the model has only {len(pool)} cut points")
+        pool = candidates
+    if stages - 1 > len(pool):
+        raise CompileError(f"asked for {stages} stages but the model has only {len(pool)} cut points "
+                           f"(try --max-tensors 2 for sub-block cuts)")
     if stages == 1:
         return []
     spec = spec_for(loaded, pool)

@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
-
 from edgepipe.agent.bundle import BundleError
-from edgepipe.compiler.build import CompileError, CompileResult, candidate_cuts, compile_model, load_model, spec_for
+from edgepipe.compiler.build import (
+    CompileError,
+    CompileResult,
+    candidate_cuts,
+    compile_model,
+    load_model,
+    spec_for,
+)
 from edgepipe.compiler.cuts import Cut, CutError
 from edgepipe.compiler.export import DEFAULT_OPSET, ExportError
 from edgepipe.compiler.verify import DEFAULT_TOLERANCE, VerificationError
 from edgepipe.models.registry import REGISTRY, ModelError
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 app = typer.Typer(add_completion=False, rich_markup_mode="rich", pretty_exceptions_enable=False)
 console = Console()
@@ -35,19 +41,21 @@ USER_ERRORS = (CompileError, CutError, ExportError, VerificationError, ModelErro
     )
 )
 def compile_command(
-    model: Annotated[Optional[str], typer.Argument(help="Registry model name (see --list-models).")] = None,
+    model: Annotated[str | None, typer.Argument(help="Registry model name (see --list-models).")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the stage bundles.")] = Path("build"),
-    onnx: Annotated[Optional[Path], typer.Option(help="Compile this ONNX file (external data beside it).")] = None,
-    checkpoint: Annotated[Optional[Path], typer.Option(help="Local weights (.pth/.safetensors) to load.")] = None,
-    stages: Annotated[Optional[int], typer.Option(help="Split into N stages balanced by estimated FLOPs.")] = None,
-    cuts: Annotated[Optional[str], typer.Option(help="Comma-separated cut labels or tensor names.")] = None,
-    cluster: Annotated[Optional[Path], typer.Option(help="Cluster TOML: the planner picks devices and cuts.")] = None,
-    plan: Annotated[Optional[Path], typer.Option(help="Slice by an existing plan.json.")] = None,
+    onnx: Annotated[Path | None, typer.Option(help="Compile this ONNX file (external data beside it).")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="Local weights (.pth/.safetensors) to load.")] = None,
+    stages: Annotated[int | None, typer.Option(help="Split into N stages balanced by estimated FLOPs.")] = None,
+    cuts: Annotated[str | None, typer.Option(help="Comma-separated cut labels or tensor names.")] = None,
+    cluster: Annotated[Path | None, typer.Option(help="Cluster TOML: the planner picks devices and cuts.")] = None,
+    plan: Annotated[Path | None, typer.Option(help="Slice by an existing plan.json.")] = None,
     microbatch: Annotated[int, typer.Option(help="Microbatch size the plan is made for.")] = 8,
     max_tensors: Annotated[int, typer.Option(help="Allow cuts carrying up to N tensors (2 = sub-block).")] = 1,
     list_cuts: Annotated[bool, typer.Option("--list-cuts", help="Print the candidate cut table and stop.")] = False,
     list_models: Annotated[bool, typer.Option("--list-models", help="Print the model registry and stop.")] = False,
-    problem_out: Annotated[Optional[Path], typer.Option(help="With --cluster: also write the planner problem.")] = None,
+    problem_out: Annotated[Path | None, typer.Option(help="With --cluster: also write the planner problem.")] = None,
+    profile_bundle: Annotated[Path | None, typer.Option(
+        help="Write the profiling bundle (one piece per distinct segment) to this dir and stop.")] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset for the export.")] = DEFAULT_OPSET,
     verify: Annotated[bool, typer.Option(help="Check chained stages reproduce the whole model.")] = True,
     tolerance: Annotated[float, typer.Option(help="Largest allowed |difference| when verifying.")] = DEFAULT_TOLERANCE,
@@ -66,6 +74,9 @@ def compile_command(
         if list_cuts:
             _list_cuts(model, onnx, checkpoint, opset, max_tensors, as_json)
             return
+        if profile_bundle is not None:
+            _write_profile_bundle(model, onnx, checkpoint, opset, max_tensors, profile_bundle, as_json)
+            return
         chosen = [c for c in cuts.split(",") if c.strip()] if cuts else None
         if sum(x is not None for x in (stages, chosen, cluster, plan)) > 1:
             raise CompileError("choose one of --stages, --cuts, --cluster, --plan")
@@ -81,11 +92,8 @@ def compile_command(
             model, out, onnx=onnx, stages=stages, cuts=chosen, plan=plan_obj, checkpoint=checkpoint,
             opset=opset, max_tensors=max_tensors, verify=verify, tolerance=tolerance, quiet=as_json,
         )
-    except USER_ERRORS as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
-        raise typer.Exit(1) from None
-    except ValueError as exc:  # planner/cluster input errors are ValueErrors with a clear message
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+    except (*USER_ERRORS, ValueError) as exc:  # planner/cluster input errors are ValueErrors too
+        typer.echo(f"error: {exc}", err=True)  # one line, never wrapped
         raise typer.Exit(1) from None
     if as_json:
         print(json.dumps(json.loads((result.out_dir / "compile.json").read_text()), indent=2))
@@ -129,13 +137,30 @@ def _list_cuts(model, onnx, checkpoint, opset, max_tensors, as_json) -> None:
                           "cuts": rows}, indent=2))
         return
     table = Table(title=f"Candidate cuts of {loaded.identity.model_id} (≤{max_tensors} tensor(s))")
-    for col, justify in (("#", "right"), ("label", "left"), ("tensors", "left"), ("bytes/sample", "right"),
-                         ("next segment GFLOP", "right"), ("next segment weights", "right")):
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    table.add_column("#", justify="right")
+    table.add_column("label", no_wrap=True)
+    table.add_column("tensors", overflow="fold")
+    for col in ("bytes/sample", "next segment GFLOP", "next segment weights"):
+        table.add_column(col, justify="right")
     for i, row in enumerate(rows):
         table.add_row(str(i), row["label"], ", ".join(row["tensors"]), _size(row["bytes_per_sample"]),
                       f"{row['segment_gflop']:.3f}", _size(row["segment_weight_bytes"]))
     console.print(table)
+
+
+def _write_profile_bundle(model, onnx, checkpoint, opset, max_tensors, out: Path, as_json: bool) -> None:
+    from edgepipe.compiler.profiling import write_profile_bundle
+
+    loaded = load_model(model, onnx, checkpoint, opset)
+    cuts = candidate_cuts(loaded, max_tensors)
+    bundle = write_profile_bundle(loaded.model, cuts, out, loaded.identity)
+    summary = {"dir": str(out), "model_id": bundle.model_id, "model_sha256": bundle.model_sha256,
+               "segments": len(bundle.segment_names), "pieces": bundle.piece_count}
+    if as_json:
+        print(json.dumps(summary, indent=2))
+    else:
+        console.print(f"profiling bundle {out}: {summary['segments']} segments in {summary['pieces']} distinct "
+                      f"pieces; run it on each device with: edgepipe-agent profile {out} --device NAME")
 
 
 def _cut_row(cut: Cut, segment) -> dict:

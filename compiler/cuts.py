@@ -13,11 +13,11 @@ user may also name a cut by its single crossing tensor.
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass
 
 import onnx_ir as ir
-
 from edgepipe.compiler.graph import GraphIndex
 
 
@@ -44,12 +44,17 @@ def find_cuts(index: GraphIndex, max_tensors: int = 1) -> list[Cut]:
         raise CutError("max_tensors must be at least 1")
     labels = module_start_labels(index)
     has_metadata = any(index.module_paths)
+    # With a batch axis on the inputs, a tensor without one (a shape computed from the input) is
+    # bookkeeping, not an activation a pipeline can stream; cuts through such tensors are skipped.
+    batch_model = any(index.batched.get(name, False) for name, p in index.produced_at.items() if p < 0)
     by_tensors: dict[tuple[str, ...], Cut] = {}
     for position, crossing in _sweep_crossings(index, max_tensors):
         if all(index.produced_at[t] < 0 for t in crossing) or all(
             index.last_used_at[t] >= index.size for t in crossing
         ):
             continue  # one side would only pass graph inputs or outputs through: no work, not a stage
+        if batch_model and not all(index.batched[t] for t in crossing):
+            continue
         label = labels.get(position)
         if len(crossing) > 1 and has_metadata and label is None:
             continue
@@ -147,7 +152,7 @@ def resolve_cuts(index: GraphIndex, candidates: list[Cut], requested: list[str])
             cut = _cut_after_tensor(index, name, candidates)
         chosen.append(cut)
     chosen.sort(key=lambda c: c.position)
-    for a, b in zip(chosen, chosen[1:]):
+    for a, b in itertools.pairwise(chosen):
         if a.tensors == b.tensors:
             raise CutError(f"cuts {a.label!r} and {b.label!r} are the same place in the graph")
     return chosen

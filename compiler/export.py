@@ -14,9 +14,10 @@ import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
-from edgepipe.models.registry import ModelEntry, build_module, example_input
+from edgepipe.models.registry import ModelEntry, ModelError, build_module, example_input
 
 DEFAULT_OPSET = 20
 # Bump when the export recipe changes so stale cache entries are not reused.
@@ -42,16 +43,17 @@ def cache_root() -> Path:
 
 
 def export_settings(entry: ModelEntry, checkpoint: Path | None, opset: int) -> dict:
-    import timm
-    import torch
-
+    # Versions from package metadata: importing torch costs seconds, and a cached compile needs none.
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise ModelError(f"checkpoint {checkpoint} does not exist")
     return {
         "model": entry.name,
         "checkpoint_sha256": sha256_files([Path(checkpoint)]) if checkpoint else None,
         "opset": opset,
         "exporter": "torch.onnx dynamo",
-        "torch": torch.__version__,
-        "timm": timm.__version__,
+        "torch": version("torch"),
+        "timm": version("timm"),
+        "onnxscript": version("onnxscript"),
         "recipe": EXPORT_RECIPE,
     }
 
@@ -103,7 +105,7 @@ def _run_exporter(entry: ModelEntry, checkpoint: Path | None, opset: int, out: P
                 opset_version=opset,
                 verbose=False,
             )
-    except Exception as exc:  # noqa: BLE001 - report the exporter's own reason in one line
+    except Exception as exc:
         raise ExportError(f"exporting {entry.name} failed: {type(exc).__name__}: {exc}") from exc
     if program is None:
         raise ExportError(f"exporting {entry.name} returned no program")

@@ -25,6 +25,7 @@ class GraphIndex:
     produced_at: dict[str, int]  # activation -> index of the producing node (-1: graph input)
     last_used_at: dict[str, int]  # activation -> index of its last consumer (len(nodes): graph output)
     bytes_per_sample: dict[str, int | None]  # activation -> bytes of one sample (None: unknown shape)
+    batched: dict[str, bool]  # activation -> axis 0 is symbolic (a batch axis)
     module_paths: tuple[tuple[str, ...], ...]  # per node: enclosing modules, outermost first
     weight_names: tuple[frozenset[str], ...]  # per node: initializers it reads
     initializer_bytes: dict[str, int]
@@ -75,6 +76,7 @@ def index_graph(graph: ir.Graph) -> GraphIndex:
         produced_at=produced_at,
         last_used_at=last_used_at,
         bytes_per_sample={name: value_bytes_per_sample(v) for name, v in values.items()},
+        batched={name: bool(v.shape) and not isinstance(v.shape[0], int) for name, v in values.items()},
         module_paths=tuple(module_path(n) for n in nodes),
         weight_names=tuple(weight_names),
         initializer_bytes={name: tensor_bytes(v) for name, v in initializers.items()},

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import onnx_ir as ir
-
 from edgepipe.agent.bundle import (
     DATA_NAME,
     GRAPH_NAME,

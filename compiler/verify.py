@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-
-from edgepipe.agent.bundle import GRAPH_NAME, TensorSpec, read_manifest
+from edgepipe.agent.bundle import GRAPH_NAME, read_manifest
+from edgepipe.agent.profiler import random_feeds
 
 DEFAULT_TOLERANCE = 1e-4
 
@@ -36,21 +36,6 @@ class Verification:
     @property
     def passed(self) -> bool:
         return self.worst <= self.tolerance
-
-
-def random_inputs(specs: tuple[TensorSpec, ...] | list[TensorSpec], batch: int, seed: int = 0) -> dict:
-    """Deterministic inputs for the given specs; the symbolic axis 0 becomes ``batch``."""
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for spec in specs:
-        shape = tuple(batch if not isinstance(d, int) else d for d in spec.shape)
-        if spec.dtype.startswith("float"):
-            feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
-        elif spec.dtype == "bool":
-            feeds[spec.name] = rng.integers(0, 2, shape).astype(bool)
-        else:
-            feeds[spec.name] = rng.integers(0, 100, shape).astype(spec.dtype)
-    return feeds
 
 
 def cpu_session(path: Path, threads: int = 0) -> ort.InferenceSession:
@@ -75,7 +60,7 @@ def verify_chain(
     model_path: Path, bundle_dirs: list[Path], batch: int = 2, tolerance: float = DEFAULT_TOLERANCE, seed: int = 0
 ) -> Verification:
     first = read_manifest(bundle_dirs[0])
-    feeds = random_inputs(first.inputs, batch, seed)
+    feeds = random_feeds(first.inputs, batch, seed)
     whole = cpu_session(model_path)
     names = [o.name for o in whole.get_outputs()]
     expected = dict(zip(names, whole.run(names, feeds)))

@@ -86,7 +86,7 @@ def _read_state_dict(path: Path) -> dict[str, Any]:
         import torch
 
         raw = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any reader failure is a bad checkpoint for the user
+    except Exception as exc:
         raise ModelError(f"checkpoint {path} could not be read: {exc}") from exc
     for key in ("state_dict", "model", "module"):
         if isinstance(raw, dict) and isinstance(raw.get(key), dict):

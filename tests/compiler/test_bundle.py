@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from pathlib import Path
 
 import pytest
-
 from edgepipe.agent.bundle import DATA_NAME, GRAPH_NAME, MANIFEST_NAME, BundleError, load_bundle
 
 
@@ -25,7 +25,7 @@ def test_compiled_bundles_load_and_describe_their_stage(vit_tiny_build) -> None:
     assert {m.stage_count for m in manifests} == {3}
     assert manifests[0].inputs[0].name == "pixels" and manifests[0].cut_in is None
     assert manifests[-1].outputs[0].name == "logits" and manifests[-1].cut_out is None
-    for upstream, downstream in zip(manifests, manifests[1:]):
+    for upstream, downstream in itertools.pairwise(manifests):
         assert upstream.outputs == downstream.inputs
         assert upstream.cut_out == downstream.cut_in
     assert all(m.model_sha256 == vit_tiny_build.model_sha256 for m in manifests)
@@ -81,5 +81,5 @@ def test_manifest_path_escape_is_refused(bundle: Path) -> None:
 
 
 def test_not_a_bundle_dir(tmp_path: Path) -> None:
-    with pytest.raises(BundleError, match="is .* a stage bundle directory"):
+    with pytest.raises(BundleError, match=r"is .* a stage bundle directory"):
         load_bundle(tmp_path)

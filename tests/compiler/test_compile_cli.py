@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from edgepipe.agent.bundle import load_bundle
 
 TINY = "vit_tiny_patch16_224"
@@ -84,8 +83,8 @@ def test_any_onnx_file_goes_through_the_same_path(tmp_path: Path, vit_tiny_build
 
 def test_local_checkpoint_is_loaded(tmp_path: Path, vit_tiny_build) -> None:
     import torch
-
-    from edgepipe.compiler.verify import random_inputs, run_chain
+    from edgepipe.agent.profiler import random_feeds
+    from edgepipe.compiler.verify import run_chain
     from edgepipe.models.registry import build_module, get_model
 
     module = build_module(get_model(TINY))
@@ -96,7 +95,7 @@ def test_local_checkpoint_is_loaded(tmp_path: Path, vit_tiny_build) -> None:
     out = json.loads(run_cli(TINY, "--checkpoint", str(ckpt), "-o", str(tmp_path / "b"), "--stages", "2",
                              "--json").stdout)
     assert out["model_sha256"] != vit_tiny_build.model_sha256
-    feeds = random_inputs(load_bundle(tmp_path / "b" / "stage-0").inputs, batch=2)
+    feeds = random_feeds(load_bundle(tmp_path / "b" / "stage-0").inputs, batch=2)
     logits = run_chain([tmp_path / "b" / "stage-0", tmp_path / "b" / "stage-1"], feeds)["logits"]
     with torch.no_grad():
         module.load_state_dict(state)

@@ -8,12 +8,11 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from onnx import TensorProto, helper, numpy_helper
-
 from edgepipe.compiler.cuts import CutError, find_cuts, resolve_cuts
 from edgepipe.compiler.graph import index_graph
 from edgepipe.compiler.slicing import ModelIdentity, slice_model
 from edgepipe.compiler.verify import verify_chain
+from onnx import TensorProto, helper, numpy_helper
 
 
 def skip_branch_model(path: Path) -> Path:

@@ -1,0 +1,93 @@
+"""Write the profiling bundle: every segment the planner reasons about, as a small runnable piece.
+
+Devices time these pieces (``edgepipe-agent profile``) so the planner plans with measured numbers.
+Segments with the same structure (same ops, attributes, shapes; weights may differ) take the same
+time, so each structure is written and profiled once: the 24 block halves of ViT-Base become two
+pieces (attention half, MLP half) plus the two ends.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+from edgepipe.agent.profiles import ProfileBundle, save_profile_bundle
+from edgepipe.compiler.cuts import Cut, stage_boundaries
+from edgepipe.compiler.slicing import ModelIdentity, extract_stage, write_stage
+
+# Initializers this small are shape constants (Reshape targets, axes), part of the structure;
+# larger ones are weights, whose values do not change the time.
+_STRUCTURAL_ELEMENTS = 64
+
+
+def write_profile_bundle(
+    model: ir.Model,
+    cuts: list[Cut],
+    out_dir: Path,
+    identity: ModelIdentity,
+    on_piece: Callable[[int, int], None] | None = None,
+) -> ProfileBundle:
+    """One piece per distinct segment structure under ``out_dir``; returns the manifest written."""
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    boundaries = stage_boundaries(model.graph, cuts)
+    names = ["input", *[c.label for c in cuts]]
+    piece_of_key: dict[str, int] = {}
+    segment_pieces = []
+    for k, (inputs, outputs) in enumerate(boundaries):
+        segment = extract_stage(model, inputs, outputs, k)
+        key = structure_key(segment.graph)
+        if key not in piece_of_key:
+            piece = len(piece_of_key)
+            piece_of_key[key] = piece
+            write_stage(segment, out_dir / f"piece-{piece}", identity, piece, 0, names[k], None)
+        segment_pieces.append(piece_of_key[key])
+        if on_piece is not None:
+            on_piece(k, len(boundaries))
+    bundle = ProfileBundle(
+        model_id=identity.model_id,
+        model_sha256=identity.model_sha256,
+        segment_names=tuple(names),
+        segment_pieces=tuple(segment_pieces),
+        piece_count=len(piece_of_key),
+    )
+    save_profile_bundle(out_dir, bundle)
+    return bundle
+
+
+def structure_key(graph: ir.Graph) -> str:
+    """A digest of what determines a subgraph's run time, blind to value names and weight values."""
+    ids: dict[str, int] = {}
+    weights = graph.initializers
+
+    def vid(value: ir.Value | None) -> str:
+        if value is None:
+            return "-"
+        if value.name in weights:  # by content, not by order of appearance
+            tensor = value.const_value
+            small = tensor is not None and tensor.size <= _STRUCTURAL_ELEMENTS
+            content = hashlib.sha1(np.ascontiguousarray(tensor.numpy()).tobytes()).hexdigest() if small else ""
+            return f"w:{value.dtype}:{value.shape}:{content}"
+        if value.name not in ids:
+            ids[value.name] = len(ids)
+        return f"v{ids[value.name]}:{value.dtype}:{value.shape}"
+
+    parts: list[str] = [",".join(vid(v) for v in graph.inputs)]
+    for node in graph:
+        attrs = ";".join(f"{k}={_attr_repr(a)}" for k, a in sorted(node.attributes.items()))
+        parts.append(f"{node.domain}:{node.op_type}({','.join(vid(v) for v in node.inputs)})"
+                     f"->{','.join(vid(v) for v in node.outputs)}[{attrs}]")
+    parts.append(",".join(vid(v) for v in graph.outputs))
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _attr_repr(attr: ir.Attr) -> str:
+    value = attr.value
+    if isinstance(value, ir.TensorProtocol):
+        return hashlib.sha1(np.ascontiguousarray(value.numpy()).tobytes()).hexdigest()
+    return repr(value)
