@@ -205,7 +205,7 @@ def compile_model(
         verification=verification,
         export_cached=loaded.export_cached,
         plan=plan,
-        stage_rows=stage_rows(bundle_dirs),
+        stage_rows=stage_rows(bundle_dirs, plan),
     )
     write_summary(result)
     if verification is not None and not verification.passed:
@@ -216,11 +216,12 @@ def compile_model(
     return result
 
 
-def stage_rows(bundle_dirs: list[Path]) -> list[dict[str, Any]]:
+def stage_rows(bundle_dirs: list[Path], plan: Any = None) -> list[dict[str, Any]]:
+    """One summary row per stage; with a plan, the device each bundle is meant for."""
     from edgepipe.agent.bundle import read_manifest
 
     rows = []
-    for bundle_dir in bundle_dirs:
+    for k, bundle_dir in enumerate(bundle_dirs):
         m = read_manifest(bundle_dir)
         out_bytes = [o.bytes_per_sample() for o in m.outputs]
         rows.append({
@@ -232,6 +233,7 @@ def stage_rows(bundle_dirs: list[Path]) -> list[dict[str, Any]]:
             "params": m.weight_bytes // 4,
             "out_bytes_per_sample": None if None in out_bytes else sum(out_bytes),
             "outputs": [o.name for o in m.outputs],
+            "device": plan.stages[k].device if plan is not None else None,
         })
     return rows
 

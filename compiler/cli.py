@@ -54,6 +54,15 @@ def compile_command(
     list_cuts: Annotated[bool, typer.Option("--list-cuts", help="Print the candidate cut table and stop.")] = False,
     list_models: Annotated[bool, typer.Option("--list-models", help="Print the model registry and stop.")] = False,
     problem_out: Annotated[Path | None, typer.Option(help="With --cluster: also write the planner problem.")] = None,
+    profile: Annotated[bool, typer.Option("--profile", help=(
+        "With --cluster: profile every device through its control endpoint (edgepipe-agent control) "
+        "and plan with the measured times."))] = False,
+    profiles_dir: Annotated[Path | None, typer.Option(help=(
+        "With --cluster: device profiles (<device>.json) to reuse or write [OUT/profiles]."))] = None,
+    profile_threads: Annotated[int, typer.Option(min=1, help="With --profile: ONNX Runtime threads per device "
+                                                  "(as the agents will serve).")] = 1,
+    probe_links: Annotated[bool, typer.Option("--probe-links", help=(
+        "With --cluster: have the devices measure bandwidth and latency to each other."))] = False,
     profile_bundle: Annotated[Path | None, typer.Option(
         help="Write the profiling bundle (one piece per distinct segment) to this dir and stop.")] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset for the export.")] = DEFAULT_OPSET,
@@ -83,7 +92,10 @@ def compile_command(
         plan_obj = None
         if cluster is not None:
             plan_obj = _plan_for_cluster(model, onnx, checkpoint, opset, cluster, microbatch, max_tensors,
-                                         out, problem_out, as_json)
+                                         out, problem_out, as_json, profile=profile, profiles_dir=profiles_dir,
+                                         profile_threads=profile_threads, probe=probe_links)
+        elif profile or probe_links or profiles_dir is not None:
+            raise CompileError("--profile, --profiles-dir and --probe-links need --cluster")
         elif plan is not None:
             from edgepipe.planner.plan import load_plan
 
@@ -170,7 +182,10 @@ def _cut_row(cut: Cut, segment) -> dict:
 
 
 def _plan_for_cluster(model, onnx, checkpoint, opset, cluster_path, microbatch, max_tensors, out,
-                      problem_out, quiet):
+                      problem_out, quiet, *, profile=False, profiles_dir=None, profile_threads=1, probe=False):
+    import dataclasses
+
+    from edgepipe.compiler.planning import apply_profiles, load_device_profiles, usable_devices
     from edgepipe.planner.cluster import load_cluster, problem_for
     from edgepipe.planner.explain import render_explain
     from edgepipe.planner.plan import save_plan
@@ -179,11 +194,30 @@ def _plan_for_cluster(model, onnx, checkpoint, opset, cluster_path, microbatch, 
 
     loaded = load_model(model, onnx, checkpoint, opset)
     cluster = load_cluster(cluster_path)
-    spec = spec_for(loaded, candidate_cuts(loaded, max_tensors))
+    cuts = candidate_cuts(loaded, max_tensors)
+    spec = spec_for(loaded, cuts)
+    profiles_dir = Path(profiles_dir) if profiles_dir is not None else Path(out) / "profiles"
+    left_out: dict[str, str] = {}
+    if profile or profiles_dir.is_dir():
+        if profile:
+            profiles, missing = _profile_devices(loaded, cuts, cluster, profiles_dir, microbatch, profile_threads,
+                                                 quiet)
+        else:
+            profiles, missing = load_device_profiles(profiles_dir, cluster, spec)
+        short = [p.device for p in profiles if microbatch not in p.seconds]
+        missing.update({d: f"profile has no timings at microbatch {microbatch}" for d in short})
+        profiles = [p for p in profiles if p.device not in short]
+        cluster = apply_profiles(cluster, profiles)
+        cluster, left_out = usable_devices(cluster, microbatch)
+        _print_profile_sources(cluster, profiles, missing, left_out, quiet)
+    if probe:
+        cluster = _probe_links(cluster, spec, profiles_dir, microbatch, quiet)
     problem = problem_for(cluster, spec, microbatch)
     if problem_out is not None:
         save_problem(problem, problem_out)
     plan = solve(problem)
+    if left_out:
+        plan = dataclasses.replace(plan, left_out={**plan.left_out, **left_out})
     Path(out).mkdir(parents=True, exist_ok=True)
     save_plan(plan, Path(out) / "plan.json")
     if not quiet:
@@ -191,14 +225,69 @@ def _plan_for_cluster(model, onnx, checkpoint, opset, cluster_path, microbatch, 
     return plan
 
 
+def _profile_devices(loaded, cuts, cluster, profiles_dir: Path, microbatch: int, threads: int, quiet: bool):
+    from edgepipe.compiler.profiling import write_profile_bundle
+    from edgepipe.compiler.remote_profile import profile_cluster
+
+    bundle_dir = profiles_dir / "bundle"
+    write_profile_bundle(loaded.model, cuts, bundle_dir, loaded.identity)
+    with Progress(TextColumn("profiling devices"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=err, transient=True, disable=quiet) as bar:
+        task = bar.add_task("profile", total=len(cluster.devices))
+        return profile_cluster(cluster, bundle_dir, profiles_dir, (microbatch,), threads,
+                               on_device=lambda _outcome: bar.advance(task))
+
+
+def _probe_links(cluster, spec, profiles_dir: Path, microbatch: int, quiet: bool):
+    import dataclasses
+
+    from edgepipe.compiler.remote_profile import merge_links, probe_links
+
+    # the largest activation a stage may send: what the planner's link times are about
+    tensor_bytes = min(max(s.out_bytes for s in spec.segments) * microbatch, 64 * 2**20)
+    links, failures = probe_links(cluster, profiles_dir, tensor_bytes)
+    for pair, reason in failures.items():
+        err.print(f"[yellow]link {pair} not measured:[/yellow] {reason}", highlight=False)
+    if not quiet and links:
+        table = Table(title=f"Measured links ({_size(tensor_bytes)} messages)")
+        for col in ("a", "b", "Mbps", "latency ms"):
+            table.add_column(col)
+        for k in links:
+            table.add_row(k.a, k.b, f"{k.bandwidth_mbps:.0f}", f"{k.latency_s * 1000:.2f}")
+        console.print(table)
+    return dataclasses.replace(cluster, links=merge_links(cluster.links, links))
+
+
+def _print_profile_sources(cluster, profiles, missing: dict[str, str], left_out: dict[str, str], quiet: bool):
+    for device, reason in {**missing, **left_out}.items():
+        err.print(f"[yellow]{device}:[/yellow] {reason}", highlight=False)
+    if quiet:
+        return
+    measured = {p.device for p in profiles}
+    table = Table(title="Device compute times used by the planner")
+    table.add_column("device")
+    table.add_column("type")
+    table.add_column("source")
+    for device in cluster.devices:
+        source = "measured profile" if device.name in measured else "type's profile (other devices)"
+        if device.name in missing:
+            source = "cluster file (gflops / reference)" if device.name not in measured else source
+        table.add_row(device.name, device.type, source)
+    console.print(table)
+
+
 def _print_result(result: CompileResult) -> None:
     table = Table(title=f"{result.model_id}: {len(result.bundle_dirs)} stage bundle(s) in {result.out_dir}")
     for col, justify in (("stage", "right"), ("from cut", "left"), ("to cut", "left"), ("params", "right"),
                          ("weights", "right"), ("out bytes/sample", "right")):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    planned = any(row["device"] for row in result.stage_rows)
+    if planned:
+        table.add_column("device")
     for row in result.stage_rows:
-        table.add_row(str(row["stage"]), row["cut_in"] or "(input)", row["cut_out"] or "(output)",
-                      f"{row['params'] / 1e6:.2f} M", _size(row["weight_bytes"]), _size(row["out_bytes_per_sample"]))
+        cells = [str(row["stage"]), row["cut_in"] or "(input)", row["cut_out"] or "(output)",
+                 f"{row['params'] / 1e6:.2f} M", _size(row["weight_bytes"]), _size(row["out_bytes_per_sample"])]
+        table.add_row(*cells, *([row["device"]] if planned else []))
     console.print(table)
     source = "cached export" if result.export_cached else "fresh export"
     console.print(f"model {result.model_path} ({source}, sha256 {result.model_sha256[:12]})")

@@ -106,3 +106,49 @@ def test_local_checkpoint_is_loaded(tmp_path: Path, vit_tiny_build) -> None:
 def test_missing_checkpoint_is_one_line(tmp_path: Path) -> None:
     proc = run_cli(TINY, "--checkpoint", str(tmp_path / "nope.pth"), "-o", str(tmp_path), check=False)
     assert proc.returncode == 1 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cluster_plans_devices_and_slices_at_the_plan_cuts(tmp_path: Path, vit_tiny_build) -> None:
+    from edgepipe.planner.plan import load_plan
+    from edgepipe.planner.problem import load_problem
+
+    cluster = Path(__file__).parents[2] / "planner" / "examples" / "home-lab.toml"
+    out = json.loads(run_cli(TINY, "-o", str(tmp_path / "b"), "--cluster", str(cluster), "--problem-out",
+                             str(tmp_path / "problem.json"), "--json").stdout)
+    plan = load_plan(tmp_path / "b" / "plan.json")
+    problem = load_problem(tmp_path / "problem.json")
+    assert plan.model_sha256 == vit_tiny_build.model_sha256 == problem.model.model_sha256
+    # The bundles are cut exactly where the plan says, one per planned device, and verified.
+    assert [c["label"] for c in out["cuts"]] == [s.cut_in for s in plan.stages[1:]]
+    assert [row["device"] for row in out["stages"]] == [s.device for s in plan.stages]
+    assert out["verification"]["passed"] is True
+    # The problem's segments are the model's candidate cuts: one per block half plus the ends.
+    assert len(problem.model.segments) == len(vit_tiny_build_cut_labels(vit_tiny_build)) + 1
+
+
+def vit_tiny_build_cut_labels(build) -> list[str]:
+    import onnx_ir as ir
+
+    from edgepipe.compiler.cuts import find_cuts
+    from edgepipe.compiler.graph import index_graph
+
+    return [c.label for c in find_cuts(index_graph(ir.load(build.model_path).graph))]
+
+
+def test_bad_cluster_file_is_one_line(tmp_path: Path, vit_tiny_build) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[device]]\nname = "a"\ntype = "nope"\nmemory = "1 GiB"\nbandwidth = "1 Gbps"\n')
+    proc = run_cli(TINY, "-o", str(tmp_path / "b"), "--cluster", str(bad), check=False)
+    assert proc.returncode == 1 and "bad.toml" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_profile_bundle_shares_pieces_between_identical_blocks(tmp_path: Path, vit_tiny_build) -> None:
+    from edgepipe.agent.profiles import load_profile_bundle
+
+    out = json.loads(run_cli(TINY, "--profile-bundle", str(tmp_path / "pb"), "--json").stdout)
+    bundle = load_profile_bundle(tmp_path / "pb")
+    assert out["segments"] == len(bundle.segment_names) == 29
+    # 12 identical blocks, each two halves: the halves are profiled once each.
+    halves = [bundle.segment_pieces[bundle.segment_names.index(f"blocks.{i}")] for i in range(12)]
+    assert len(set(halves)) == 1
+    assert bundle.piece_count < 10

@@ -1,0 +1,161 @@
+"""Profile every device of a cluster, and the links between them, from the workstation.
+
+Each device runs ``edgepipe-agent control`` at the address its cluster entry gives. The
+profiling bundle travels to the device in the request and the DeviceProfile comes back, so no one
+logs in anywhere. A stored profile (``<out_dir>/<device>.json``) is reused while its key (model
+hash, device, microbatch sizes, dtype, the device's ONNX Runtime version as it reports it now,
+threads) still matches; otherwise the device is profiled again. Unreachable devices are reported by
+name and the others are still profiled.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgepipe.agent.control import ControlError, request_probe, request_profile, request_status
+from edgepipe.agent.profiles import DeviceProfile, ProfileError, load_profile, load_profile_bundle, save_profile
+from edgepipe.compiler.planning import profile_path
+from edgepipe.planner.cluster import Cluster
+from edgepipe.planner.problem import Device, Link
+
+LINKS_FORMAT = "edgepipe.links"
+LINKS_VERSION = 1
+LINKS_FILE = "links.json"
+DTYPE = "float32"
+
+
+@dataclass(frozen=True)
+class DeviceOutcome:
+    device: str
+    profile: DeviceProfile | None
+    source: str  # "measured", "reused", or why there is no profile
+
+
+def control_endpoint(device: Device) -> str:
+    """The device's control endpoint from its cluster ``address`` (``tcp://host:port`` or ``host:port``)."""
+    if not device.address:
+        raise ControlError(f"device {device.name!r} has no address in the cluster file")
+    return device.address if "://" in device.address else f"tcp://{device.address}"
+
+
+def expected_key(model_sha256: str, device: str, microbatches: Sequence[int], ort_version: str,
+                 threads: int) -> tuple:
+    """What ``DeviceProfile.key()`` must equal for a stored profile to be reused."""
+    return (model_sha256, device, tuple(sorted(set(microbatches))), DTYPE, ort_version, threads)
+
+
+def profile_device(device: Device, bundle_dir: Path, out_dir: Path, microbatches: Sequence[int], threads: int,
+                   timeout_s: float, model_sha256: str) -> DeviceOutcome:
+    """Reuse or measure one device's profile; never raises for the device's own failures."""
+    try:
+        endpoint = control_endpoint(device)
+        status = request_status(endpoint, timeout_s=min(timeout_s, 10.0))
+        path = profile_path(out_dir, device.name)
+        want = expected_key(model_sha256, device.name, microbatches, str(status.get("ort_version")), threads)
+        if path.is_file():
+            try:
+                stored = load_profile(path)
+                if stored.key() == want:
+                    return DeviceOutcome(device.name, stored, "reused")
+            except ProfileError:
+                pass  # unreadable or foreign: measure again and overwrite
+        profile = request_profile(endpoint, bundle_dir, device.name, microbatches, threads, timeout_s=timeout_s)
+        if profile.key() != want:
+            return DeviceOutcome(device.name, None, f"{device.name}: the device returned a profile for "
+                                 f"{profile.key()}, expected {want}")
+        save_profile(path, profile)
+        return DeviceOutcome(device.name, profile, "measured")
+    except (ControlError, OSError) as exc:
+        return DeviceOutcome(device.name, None, f"{device.name}: {exc}")
+
+
+def profile_cluster(cluster: Cluster, profile_bundle_dir: Path, out_dir: Path, microbatches: Sequence[int],
+                    threads: int = 1, timeout_s: float = 600.0, parallel: bool = False,
+                    on_device: Callable[[DeviceOutcome], None] | None = None,
+                    ) -> tuple[list[DeviceProfile], dict[str, str]]:
+    """Every device's profile (reused or measured) and, per device without one, why not.
+
+    Devices are profiled one after another unless ``parallel`` (devices that share CPUs, like an
+    emulated testbed, would slow each other down and skew the numbers)."""
+    bundle = load_profile_bundle(profile_bundle_dir)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+
+    def one(device: Device) -> DeviceOutcome:
+        outcome = profile_device(device, Path(profile_bundle_dir), Path(out_dir), microbatches, threads,
+                                 timeout_s, bundle.model_sha256)
+        if on_device is not None:
+            on_device(outcome)
+        return outcome
+
+    if parallel:
+        with ThreadPoolExecutor(max_workers=len(cluster.devices)) as pool:
+            outcomes = list(pool.map(one, cluster.devices))
+    else:
+        outcomes = [one(d) for d in cluster.devices]
+    profiles = [o.profile for o in outcomes if o.profile is not None]
+    failures = {o.device: o.source for o in outcomes if o.profile is None}
+    return profiles, failures
+
+
+def probe_links(cluster: Cluster, out_dir: Path, tensor_bytes: int, count: int = 5, seconds: float = 5.0,
+                timeout_s: float = 30.0) -> tuple[list[Link], dict[str, str]]:
+    """Ask each device to probe every other (all ordered pairs); the slower direction of a pair is
+    its symmetric link. Saves ``<out_dir>/links.json``; returns the links and per-pair failures."""
+    measured: dict[tuple[str, str], dict] = {}
+    failures: dict[str, str] = {}
+    for src in cluster.devices:
+        for dst in cluster.devices:
+            if src.name == dst.name:
+                continue
+            try:
+                reply = request_probe(control_endpoint(src), control_endpoint(dst), tensor_bytes, count, seconds,
+                                      timeout_s)
+                measured[(src.name, dst.name)] = {"bandwidth_mbps": float(reply["bandwidth_mbps"]),
+                                                  "latency_s": float(reply["latency_s"])}
+            except (ControlError, KeyError, TypeError, ValueError) as exc:
+                failures[f"{src.name}->{dst.name}"] = str(exc)
+    links = []
+    names = [d.name for d in cluster.devices]
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            both = [measured[p] for p in ((a, b), (b, a)) if p in measured]
+            if both:
+                links.append(Link(a=a, b=b, bandwidth_mbps=min(m["bandwidth_mbps"] for m in both),
+                                  latency_s=max(m["latency_s"] for m in both)))
+    save_links(Path(out_dir) / LINKS_FILE, links, tensor_bytes, measured)
+    return links, failures
+
+
+def merge_links(configured: Sequence[Link], measured: Sequence[Link]) -> tuple[Link, ...]:
+    """Measured links replace configured ones for the same pair; other configured links stay."""
+    pairs = {frozenset((k.a, k.b)) for k in measured}
+    return (*[k for k in configured if frozenset((k.a, k.b)) not in pairs], *measured)
+
+
+def save_links(path: Path, links: Sequence[Link], tensor_bytes: int, directed: dict[tuple[str, str], dict]) -> None:
+    raw = {
+        "format": LINKS_FORMAT, "format_version": LINKS_VERSION, "tensor_bytes": tensor_bytes,
+        "links": [{"a": k.a, "b": k.b, "bandwidth_mbps": k.bandwidth_mbps, "latency_s": k.latency_s}
+                  for k in links],
+        "directed": [{"from": a, "to": b, **m} for (a, b), m in sorted(directed.items())],
+    }
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(raw, indent=2) + "\n")
+
+
+def load_links(path: Path) -> list[Link]:
+    """The symmetric links of a links.json; ProfileError naming the file if it is not one."""
+    try:
+        raw = json.loads(Path(path).read_text())
+        if raw.get("format") != LINKS_FORMAT or raw.get("format_version") != LINKS_VERSION:
+            raise ProfileError(f"{path}: not an {LINKS_FORMAT} version {LINKS_VERSION} file")
+        return [Link(a=str(k["a"]), b=str(k["b"]), bandwidth_mbps=float(k["bandwidth_mbps"]),
+                     latency_s=float(k["latency_s"])) for k in raw["links"]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        if isinstance(exc, ProfileError):
+            raise
+        raise ProfileError(f"{path}: unreadable links file: {exc}") from None

@@ -1,0 +1,281 @@
+"""Planner benchmark: solve time at the issue's sizes, and plan quality against the baselines.
+
+Models are ViT-Base/Large/Huge at sub-block granularity (4 segments per block: attention, its
+projection, MLP up, MLP down; 48/96/128 segments), sized by hand from the architecture, since
+this measures the planner and not the compiler:
+    weights per block 12 d^2 * 4 bytes, FLOPs per sample 24 n d^2 + 4 n^2 d, and per cut n*d*4
+    bytes (2x after attention, 5x after the MLP's first layer, where two tensors cross).
+
+    python tools/bench_planner.py                    # everything, prints tables
+    python tools/bench_planner.py --json bench.json  # and writes the numbers
+    python tools/bench_planner.py --write-problem vit_huge_patch14_224 \\
+        --cluster planner/examples/paper-testbed.toml -o vith.problem.json
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import typer
+from edgepipe.planner.baselines import all_baselines
+from edgepipe.planner.cluster import load_cluster, problem_for
+from edgepipe.planner.problem import Device, DeviceType, Link, ModelSpec, Problem, Segment, save_problem
+from edgepipe.planner.solver import solve
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER = ROOT / "planner" / "examples" / "paper-testbed.toml"
+PLAN_CLI = str(Path(sys.executable).parent / "edgepipe-plan")
+
+# name: (width d, blocks, heads, tokens n, patch)
+VIT = {
+    "vit_base_patch16_224": (768, 12, 12, 197, 16),
+    "vit_large_patch16_224": (1024, 24, 16, 197, 16),
+    "vit_huge_patch14_224": (1280, 32, 16, 257, 14),
+}
+
+# The 64-device fleet: 8 kinds of board, 8 of each (what-if speeds, effective GFLOPS).
+FLEET = [
+    ("rcc-ve", 16.0, 8), ("minnow", 10.0, 2), ("rcc-ve-50", 8.0, 8), ("rcc-ve-25", 4.0, 8),
+    ("rpi4", 6.0, 4), ("rpi5", 20.0, 8), ("orin-nano-cpu", 30.0, 8), ("nuc", 60.0, 16),
+]
+
+
+def vit_model_spec(name: str) -> ModelSpec:
+    """A ViT at quarter-block granularity; patch embedding joins the first segment, head the last."""
+    d, depth, heads, n, patch = VIT[name]
+    f = 4  # bytes per float32
+    rows = []
+    for k in range(depth):
+        rows += [  # (cut label, weight bytes, peak activation bytes, out bytes, FLOPs) per sample
+            [f"blocks.{k}", (3 * d * d + 5 * d) * f, (3 * n * d + 2 * heads * n * n) * f, 2 * n * d * f,
+             6 * n * d * d + 4 * n * n * d],
+            [f"blocks.{k}.attn.proj", (d * d + d) * f, 2 * n * d * f, n * d * f, 2 * n * d * d],
+            [f"blocks.{k}.norm2", (4 * d * d + 6 * d) * f, 5 * n * d * f, 5 * n * d * f, 8 * n * d * d],
+            [f"blocks.{k}.mlp.fc2", (4 * d * d + d) * f, 5 * n * d * f, n * d * f, 8 * n * d * d],
+        ]
+    rows[0][0] = "input"
+    rows[0][1] += (3 * patch * patch * d + 2 * d + n * d) * f
+    rows[0][4] += 2 * (n - 1) * 3 * patch * patch * d
+    rows[-1][1] += (2 * d + d * 1000 + 1000) * f
+    rows[-1][3] = 1000 * f
+    rows[-1][4] += 2 * d * 1000
+    digest = hashlib.sha256(f"analytic:{name}".encode()).hexdigest()
+    segments = tuple(Segment(r[0], int(r[1]), int(r[2]), int(r[3]), float(r[4])) for r in rows)
+    return ModelSpec(name, digest, 3 * 224 * 224 * f, segments)
+
+
+def fleet_problem(model: ModelSpec) -> Problem:
+    types = tuple(DeviceType(name, gflops=gflops) for name, gflops, _ in FLEET)
+    devices = tuple(Device(f"{name}-{i + 1}", name, memory << 30, 1000.0)
+                    for name, _, memory in FLEET for i in range(8))
+    return Problem(model, types, devices, microbatch=8, client_bandwidth_mbps=1000.0)
+
+
+def linked_problem(model: ModelSpec, count: int = 12) -> Problem:
+    """Boards of 3 kinds where every pair has its own measured link: ``count`` distinct devices."""
+    rng = random.Random(12)
+    types = (DeviceType("fast", gflops=16.0), DeviceType("slow", gflops=10.0), DeviceType("throttled", gflops=4.0))
+    devices = tuple(Device(f"b{i}", types[i % 3].name, 8 << 30, 1000.0) for i in range(count))
+    links = tuple(Link(a.name, b.name, rng.choice([100.0, 300.0, 1000.0]), rng.choice([0.0005, 0.002]))
+                  for a, b in itertools.combinations(devices, 2))
+    return Problem(model, types, devices, links, microbatch=8, client_bandwidth_mbps=1000.0)
+
+
+def _median_time(fn: Any, repeats: int) -> tuple[float, Any]:
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def bench_solve_time(repeats: int, progress: Progress) -> list[dict[str, Any]]:
+    vith = vit_model_spec("vit_huge_patch14_224")
+    cases = [
+        ("paper testbed: 16 devices, 4 types", problem_for(load_cluster(PAPER), vith, 8), 0.5),
+        ("12 distinct devices, per-pair links", linked_problem(vith), None),
+        ("fleet: 64 devices, 8 types", fleet_problem(vith), 10.0),
+        ("64 distinct devices, per-pair links", linked_problem(vith, 64), None),
+    ]
+    startup, _ = _median_time(lambda: subprocess.run([PLAN_CLI, "--help"], check=True, capture_output=True), repeats)
+    rows = [{"case": "edgepipe-plan --help (interpreter + imports only)", "cli_s": startup}]
+    task = progress.add_task("solve time", total=len(cases))
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, problem, target in cases:
+            seconds, plan = _median_time(lambda p=problem: solve(p), repeats)
+            path = save_problem(problem, Path(tmp) / "problem.json")
+            command = [PLAN_CLI, str(path), "--json", "-o", str(Path(tmp) / "plan.json")]
+            cli_s, _ = _median_time(lambda c=command: subprocess.run(c, check=True, capture_output=True), repeats)
+            gap = plan.bottleneck_s / plan.lower_bound_s - 1
+            rows.append({"case": label, "devices": len(problem.devices), "segments": len(problem.model.segments),
+                         "solver": plan.solver, "optimal": plan.optimal, "gap": gap, "stages": len(plan.stages),
+                         "solve_s": seconds, "cli_s": cli_s, "target_s": target,
+                         "cli_command": "edgepipe-plan problem.json --json -o plan.json"})
+            progress.advance(task)
+    return rows
+
+
+def kinds_problem(model: ModelSpec, kinds: int, each: int) -> Problem:
+    """``kinds`` of board from FLEET, ``each`` of every kind."""
+    types = tuple(DeviceType(name, gflops=gflops) for name, gflops, _ in FLEET[:kinds])
+    devices = tuple(Device(f"{name}-{i + 1}", name, memory << 30, 1000.0)
+                    for name, _, memory in FLEET[:kinds] for i in range(each))
+    return Problem(model, types, devices, microbatch=8, client_bandwidth_mbps=1000.0)
+
+
+def bench_heuristic(progress: Progress) -> list[dict[str, Any]]:
+    """The heuristic against the exact optimum, where the exact solver can still run."""
+    vith = vit_model_spec("vit_huge_patch14_224")
+    cases = [
+        ("paper testbed (4 types x 4)", problem_for(load_cluster(PAPER), vith, 8)),
+        ("12 distinct devices, per-pair links", linked_problem(vith)),
+        ("6 types x 3", kinds_problem(vith, 6, 3)),
+        ("8 types x 2", kinds_problem(vith, 8, 2)),
+        ("4 types x 16", kinds_problem(vith, 4, 16)),
+    ]
+    rows = []
+    task = progress.add_task("heuristic vs exact", total=len(cases))
+    for label, problem in cases:
+        exact = solve(problem, method="exact")
+        heuristic = solve(problem, method="heuristic")
+        rows.append({"case": label, "exact_s": exact.bottleneck_s, "heuristic_s": heuristic.bottleneck_s,
+                     "lower_bound_s": heuristic.lower_bound_s, "exact_time_s": exact.solve_time_s,
+                     "heuristic_time_s": heuristic.solve_time_s})
+        progress.advance(task)
+    return rows
+
+
+def bench_quality(progress: Progress) -> list[dict[str, Any]]:
+    cluster = load_cluster(PAPER)
+    rows = []
+    task = progress.add_task("plan quality", total=len(VIT))
+    for name in VIT:
+        problem = problem_for(cluster, vit_model_spec(name), 8)
+        plan = solve(problem)
+        for base, other in all_baselines(problem, plan.microbatch).items():
+            rows.append({"model": name, "baseline": base, "ours": plan.throughput, "theirs": other.throughput,
+                         "ratio": plan.throughput / other.throughput, "fits": other.fits,
+                         "our_latency_s": plan.latency_s, "their_latency_s": other.latency_s})
+        progress.advance(task)
+    return rows
+
+
+def bench_bandwidth(progress: Progress) -> list[dict[str, Any]]:
+    """The paper's other knob: every NIC throttled (tc tbf); ViT-Large on the paper testbed."""
+    base = problem_for(load_cluster(PAPER), vit_model_spec("vit_large_patch16_224"), 8)
+    rows = []
+    rates = (1000.0, 100.0, 20.0, 5.0)
+    task = progress.add_task("bandwidth sweep", total=len(rates))
+    for rate in rates:
+        problem = replace(base, devices=tuple(replace(d, bandwidth_mbps=rate) for d in base.devices),
+                          client_bandwidth_mbps=rate)
+        plan = solve(problem)
+        others = all_baselines(problem, plan.microbatch)
+        rows.append({"mbps": rate, "ours": plan.throughput, "devices_used": len(plan.stages),
+                     **{f"{k}_ratio": plan.throughput / v.throughput for k, v in others.items()}})
+        progress.advance(task)
+    return rows
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor()
+    with contextlib.suppress(OSError, StopIteration):
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__,
+            "platform": platform.platform(), "load_average": os.getloadavg()}
+
+
+def main(
+    json_out: Path = typer.Option(None, "--json", help="Also write the results here."),
+    repeats: int = typer.Option(5, help="Runs per solve-time measurement (median reported)."),
+    write_problem: str = typer.Option(None, help=f"Only write a problem file for one of: {', '.join(VIT)}."),
+    cluster: Path = typer.Option(PAPER, help="Cluster for --write-problem."),
+    output: Path = typer.Option(Path("problem.json"), "-o", help="File for --write-problem."),
+) -> None:
+    """Measure the planner: solve time (16 devices / 4 types and 64 devices / 8 types on ViT-Huge)
+    and predicted throughput against the baselines on the paper-like testbed."""
+    console = Console(width=max(Console().width, 132))
+    if write_problem:
+        if write_problem not in VIT:
+            console.print(f"[red]error:[/red] unknown model {write_problem!r}; choose from {', '.join(VIT)}")
+            raise typer.Exit(2)
+        save_problem(problem_for(load_cluster(cluster), vit_model_spec(write_problem), 8), output)
+        console.print(f"wrote {output}")
+        return
+    info = machine()
+    command = " ".join(["python", "tools/bench_planner.py", *sys.argv[1:]])
+    with Progress(console=console, transient=True) as progress:
+        timing = bench_solve_time(repeats, progress)
+        quality = bench_quality(progress)
+        bandwidth = bench_bandwidth(progress)
+        heuristic = bench_heuristic(progress)
+    console.print(f"[bold]{command}[/bold]\n{info['cpu']}, {info['cores']} cores, Python {info['python']}, "
+                  f"numpy {info['numpy']}, load average {info['load_average'][0]:.2f}")
+
+    table = Table(title=f"Solve time, ViT-Huge (128 segments), median of {repeats}")
+    for col in ("case", "solver", "stages", "gap to bound", "solve()", "CLI end to end", "target"):
+        table.add_column(col)
+    for r in timing:
+        if "solver" not in r:
+            table.add_row(r["case"], "", "", "", "", f"{r['cli_s']:.3f} s", "")
+            continue
+        table.add_row(r["case"], r["solver"] + (" (optimal)" if r["optimal"] else ""), str(r["stages"]),
+                      f"{max(r['gap'], 0.0):.2%}", f"{r['solve_s']:.3f} s", f"{r['cli_s']:.3f} s",
+                      "-" if r["target_s"] is None else f"< {r['target_s']} s")
+    console.print(table)
+
+    table = Table(title="Predicted throughput on the paper-like testbed (16 devices, 4 types, 1 Gbps), microbatch 8")
+    for col in ("model", "baseline", "ours (samples/s)", "baseline (samples/s)", "ours ÷ baseline", "fits"):
+        table.add_column(col)
+    for r in quality:
+        table.add_row(r["model"], r["baseline"], f"{r['ours']:.3f}", f"{r['theirs']:.3f}", f"{r['ratio']:.2f}×",
+                      "yes" if r["fits"] else "no")
+    console.print(table)
+
+    table = Table(title="ViT-Large on the paper-like testbed with every link throttled")
+    for col in ("NIC", "ours (samples/s)", "devices used", "÷ even-split", "÷ pipedream", "÷ memory-prop."):
+        table.add_column(col)
+    for r in bandwidth:
+        table.add_row(f"{r['mbps']:g} Mbps", f"{r['ours']:.3f}", str(r["devices_used"]),
+                      f"{r['even-split_ratio']:.2f}×", f"{r['pipedream_ratio']:.2f}×",
+                      f"{r['memory-proportional_ratio']:.2f}×")
+    console.print(table)
+
+    table = Table(title="The heuristic where the exact solver can check it (ViT-Huge; bottleneck per microbatch)")
+    for col in ("case", "exact", "heuristic", "heuristic ÷ exact", "lower bound", "exact time", "heuristic time"):
+        table.add_column(col)
+    for r in heuristic:
+        table.add_row(r["case"], f"{r['exact_s']:.3f} s", f"{r['heuristic_s']:.3f} s",
+                      f"{r['heuristic_s'] / r['exact_s']:.4f}", f"{r['lower_bound_s']:.3f} s",
+                      f"{r['exact_time_s']:.2f} s", f"{r['heuristic_time_s']:.2f} s")
+    console.print(table)
+
+    if json_out is not None:
+        doc = {"command": command, "machine": info, "repeats": repeats, "solve_time": timing, "quality": quality,
+               "bandwidth": bandwidth, "heuristic": heuristic}
+        json_out.write_text(json.dumps(doc, indent=2) + "\n")
+        console.print(f"wrote {json_out}")
+
+
+if __name__ == "__main__":
+    typer.run(main)
