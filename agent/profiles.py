@@ -95,15 +95,29 @@ def load_profile_bundle(root: Path | str) -> ProfileBundle:
     return bundle
 
 
-def save_profile(path: Path, profile: DeviceProfile) -> Path:
+def profile_to_dict(profile: DeviceProfile) -> dict[str, Any]:
+    """The JSON form (also what the control protocol's ``profile`` reply carries)."""
     raw = asdict(profile)
     raw["seconds"] = {str(k): list(v) for k, v in profile.seconds.items()}
-    Path(path).write_text(json.dumps(raw, indent=2) + "\n")
+    return raw
+
+
+def save_profile(path: Path, profile: DeviceProfile) -> Path:
+    Path(path).write_text(json.dumps(profile_to_dict(profile), indent=2) + "\n")
     return Path(path)
 
 
 def load_profile(path: Path | str) -> DeviceProfile:
-    raw = _read_json(Path(path), PROFILE_FORMAT)
+    return profile_from_dict(_read_json(Path(path), PROFILE_FORMAT), str(path))
+
+
+def profile_from_dict(raw: Any, path: str = "profile") -> DeviceProfile:
+    """Check and build a DeviceProfile from its JSON form; ``path`` names the source in errors."""
+    if not isinstance(raw, dict) or raw.get("format") != PROFILE_FORMAT:
+        raise ProfileError(f"{path}: not an {PROFILE_FORMAT} file")
+    if raw.get("format_version") != FORMAT_VERSION:
+        raise ProfileError(f"{path}: format version {raw.get('format_version')} is not supported "
+                           f"(supports {FORMAT_VERSION})")
     try:
         names = tuple(str(n) for n in raw["segment_names"])
         seconds = {int(k): tuple(float(x) for x in v) for k, v in raw["seconds"].items()}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from edgepipe.agent.profiles import DeviceProfile, ProfileError, check_profile_matches, load_profile
 from edgepipe.planner.cluster import Cluster
-from edgepipe.planner.problem import DeviceType, ModelSpec
+from edgepipe.planner.problem import ModelSpec
 
 
 def profile_path(profiles_dir: Path, device: str) -> Path:

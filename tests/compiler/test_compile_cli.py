@@ -128,7 +128,6 @@ def test_cluster_plans_devices_and_slices_at_the_plan_cuts(tmp_path: Path, vit_t
 
 def vit_tiny_build_cut_labels(build) -> list[str]:
     import onnx_ir as ir
-
     from edgepipe.compiler.cuts import find_cuts
     from edgepipe.compiler.graph import index_graph
 
