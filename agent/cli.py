@@ -1,0 +1,244 @@
+"""`edgepipe-agent`: serve a pipeline stage (`serve`), check a bundle (`check`), profile this device
+(`profile`) or answer the workstation's profiling requests (`control`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import typer
+from edgepipe.agent.bundle import BundleError, load_bundle
+from edgepipe.agent.server import AgentConfig, serve
+from edgepipe.agent.session import SessionError, create_session
+from edgepipe.agent.transport import TransportError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Run EdgePipe pipeline stages with ONNX Runtime and ZeroMQ (no PyTorch needed).")
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def parse_cpus(text: str) -> tuple[int, ...]:
+    """'0,2-3' -> (0, 2, 3), the taskset list syntax."""
+    cpus: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.strip().partition("-")
+        if not lo.isdigit() or (hi and not hi.isdigit()):
+            raise ValueError(f"--cpus {text!r}: expected a list like 0,2-3")
+        cpus.extend(range(int(lo), int(hi or lo) + 1))
+    return tuple(cpus)
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    typer.echo(f"edgepipe-agent: error: {message}", err=True)
+    return typer.Exit(code)
+
+
+@app.command("serve")
+def serve_cmd(
+    bundle_dir: Path = typer.Argument(..., help="Stage bundle directory (stage.json, stage.onnx, .data)."),
+    listen: str = typer.Option(..., "--listen", help="Bind address for incoming data, e.g. tcp://*:5550."),
+    next_: str | None = typer.Option(None, "--next", help="Next stage's --listen address; omit on the last."),
+    results: str | None = typer.Option(None, "--results",
+                                       help="Last stage only: bind address clients read results from."),
+    threads: int = typer.Option(1, "--threads", min=1, help="ONNX Runtime intra-op threads."),
+    max_batch: int = typer.Option(256, "--max-batch", min=1, help="Largest batch (axis 0) accepted."),
+    max_frame_mb: float | None = typer.Option(None, "--max-frame-mb",
+                                              help="Per-tensor size limit; default from the manifest."),
+    hwm: int = typer.Option(2, "--hwm", min=1, help="ZeroMQ high-water mark (messages) per socket."),
+    hold_s: float = typer.Option(5.0, "--hold-s", help="How long to retry a result for an absent client."),
+    drain_timeout_s: float = typer.Option(30.0, "--drain-timeout-s", help="Drain limit on SIGTERM."),
+    ready_file: Path | None = typer.Option(None, "--ready-file",
+                                           help="Write {pid, listen, results} JSON here once serving."),
+    cpus: str | None = typer.Option(None, "--cpus", help="Pin to these CPUs (taskset list, e.g. 0,2-3)."),
+    log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
+    parent_pid: int | None = typer.Option(None, "--parent-pid", hidden=True,
+                                          help="Exit when this process stops being our parent."),
+) -> None:
+    """Serve one stage: receive, compute, send, until SIGTERM/SIGINT (which drains in-flight work).
+
+    Example, a 3-stage pipeline on hosts dev0, dev1, dev2:
+
+      dev0$ edgepipe-agent serve s0 --listen tcp://*:5550 --next tcp://dev1:5550
+
+      dev1$ edgepipe-agent serve s1 --listen tcp://*:5550 --next tcp://dev2:5550
+
+      dev2$ edgepipe-agent serve s2 --listen tcp://*:5550 --results tcp://*:5551
+
+    then: edgepipe-submit tcp://dev0:5550 tcp://dev2:5551 --random --bundle s0
+    """
+    if log_level.lower() not in LOG_LEVELS:
+        raise _fail(f"--log-level {log_level!r}: choose one of {', '.join(LOG_LEVELS)}")
+    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s edgepipe-agent[%(process)d] %(message)s")
+    try:
+        config = AgentConfig(
+            bundle_dir=bundle_dir, listen=listen, next=next_, results=results, threads=threads,
+            max_batch=max_batch,
+            max_frame_bytes=None if max_frame_mb is None else int(max_frame_mb * 2**20),
+            hwm=hwm, hold_s=hold_s, drain_timeout_s=drain_timeout_s, ready_file=ready_file,
+            cpus=parse_cpus(cpus) if cpus else None, parent_pid=parent_pid)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    stop, abort = threading.Event(), threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if stop.is_set():
+            abort.set()  # a second signal: stop waiting for the drain
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        code = serve(config, stop, abort)
+    except (BundleError, SessionError, TransportError, ValueError, OSError) as exc:
+        raise _fail(str(exc)) from None
+    raise typer.Exit(code)
+
+
+@app.command("check")
+def check_cmd(
+    bundle_dir: Path = typer.Argument(..., help="Stage bundle directory to verify."),
+    threads: int = typer.Option(1, "--threads", min=1, help="ONNX Runtime intra-op threads."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Verify a bundle as `serve` would (file hashes, ONNX Runtime load, graph vs manifest) and print it.
+
+    Example: edgepipe-agent check /opt/edgepipe/stage-1
+    """
+    try:
+        manifest = load_bundle(bundle_dir)
+        create_session(bundle_dir, manifest, threads)
+    except (BundleError, SessionError) as exc:
+        raise _fail(str(exc)) from None
+    info = {
+        "bundle": str(bundle_dir), "model_id": manifest.model_id,
+        "stage": f"{manifest.stage_index}/{manifest.stage_count}",
+        "inputs": [[t.name, t.dtype, list(t.shape)] for t in manifest.inputs],
+        "outputs": [[t.name, t.dtype, list(t.shape)] for t in manifest.outputs],
+        "weight_bytes": manifest.weight_bytes, "ok": True,
+    }
+    if as_json:
+        typer.echo(json.dumps(info))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{bundle_dir}: OK", show_header=False)
+    for key, value in info.items():
+        if key != "ok":
+            table.add_row(key, str(value))
+    Console().print(table)
+
+
+def parse_sizes(text: str, option: str) -> tuple[int, ...]:
+    """'1,8' -> (1, 8): microbatch sizes."""
+    try:
+        sizes = tuple(sorted({int(v) for v in text.split(",") if v.strip()}))
+    except ValueError:
+        raise ValueError(f"{option} {text!r}: expected sizes like 1,8") from None
+    if not sizes or sizes[0] < 1:
+        raise ValueError(f"{option} {text!r}: sizes must be integers >= 1")
+    return sizes
+
+
+@app.command("profile")
+def profile_cmd(
+    bundle_dir: Path = typer.Argument(..., help="Profiling bundle (edgepipe-compile MODEL --profile-bundle DIR)."),
+    device: str = typer.Option(..., "--device", help="This device's name in the cluster file."),
+    microbatch: str = typer.Option("1,8", "--microbatch", help="Microbatch sizes to time, e.g. 1,8."),
+    threads: int = typer.Option(1, "--threads", min=1, help="ONNX Runtime intra-op threads (as when serving)."),
+    repeats: int = typer.Option(10, "--repeats", min=1, help="Timed runs per piece and size (median kept)."),
+    warmup: int = typer.Option(2, "--warmup", min=0, help="Untimed runs first."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Write the device profile JSON here."),
+    as_json: bool = typer.Option(False, "--json", help="Print the profile as JSON instead of a table."),
+) -> None:
+    """Time every segment of a model on this device: median compute per microbatch size, peak memory.
+
+    Identical segments (every transformer block) share one piece and are timed once.
+
+    Example: edgepipe-agent profile build/vitb-profile --device pi-a --microbatch 1,8 -o pi-a.json
+    """
+    from edgepipe.agent.profiler import profile_bundle
+    from edgepipe.agent.profiles import ProfileError, load_profile_bundle, profile_to_dict, save_profile
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    try:
+        sizes = parse_sizes(microbatch, "--microbatch")
+        bundle = load_profile_bundle(bundle_dir)
+        with Progress(TextColumn("profiling pieces"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=Console(stderr=True), transient=True, disable=as_json) as bar:
+            task = bar.add_task("profile", total=bundle.piece_count)
+            profile = profile_bundle(bundle_dir, device, sizes, threads, repeats, warmup,
+                                     on_piece=lambda done, _total: bar.update(task, completed=done + 1))
+        if out is not None:
+            save_profile(out, profile)
+    except (ProfileError, BundleError, SessionError, ValueError, OSError) as exc:
+        raise _fail(str(exc)) from None
+    if as_json:
+        typer.echo(json.dumps(profile_to_dict(profile)))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{profile.model_id} on {device} ({threads} thread(s), ONNX Runtime {profile.ort_version})")
+    table.add_column("segment", no_wrap=True)
+    table.add_column("piece", justify="right")
+    for mb in sizes:
+        table.add_column(f"ms @ {mb}", justify="right")
+    table.add_column("peak MiB", justify="right")
+    for i, name in enumerate(profile.segment_names):
+        table.add_row(name, str(bundle.segment_pieces[i]), *(f"{profile.seconds[mb][i] * 1000:.2f}" for mb in sizes),
+                      f"{profile.peak_memory_bytes[i] / 2**20:.1f}")
+    Console().print(table)
+    if out is not None:
+        Console().print(f"profile written to {out}")
+
+
+@app.command("control")
+def control_cmd(
+    listen: str = typer.Option("tcp://*:5560", "--listen", help="Bind address of the control endpoint."),
+    device: str | None = typer.Option(None, "--device", help="This device's name [host name]."),
+    threads: int = typer.Option(1, "--threads", min=1, help="Default ONNX Runtime threads for profiling."),
+    max_request_mb: float = typer.Option(512.0, "--max-request-mb", help="Largest profile request accepted."),
+    ready_file: Path | None = typer.Option(None, "--ready-file", help="Write {pid, listen} JSON once listening."),
+    log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
+) -> None:
+    """Run the idle device daemon the workstation talks to: status, profile and link probes.
+
+    No bundle is needed; `edgepipe-compile MODEL --cluster cluster.toml --profile` sends the
+    profiling bundle over the wire and gets the device's profile back.
+
+    Example: edgepipe-agent control --listen tcp://*:5560 --device pi-a --threads 4
+    """
+    import platform
+
+    from edgepipe.agent.control import ControlConfig, run_control
+
+    if log_level.lower() not in LOG_LEVELS:
+        raise _fail(f"--log-level {log_level!r}: choose one of {', '.join(LOG_LEVELS)}")
+    if max_request_mb <= 0:
+        raise _fail(f"--max-request-mb {max_request_mb:g}: must be more than 0")
+    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s edgepipe-agent[%(process)d] %(message)s")
+    config = ControlConfig(listen=listen, device=device or platform.node(), threads=threads,
+                           max_request_bytes=int(max_request_mb * 2**20), ready_file=ready_file)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        run_control(config, stop)
+    except (TransportError, OSError) as exc:
+        raise _fail(str(exc)) from None
+
+
+def main() -> None:
+    app(prog_name="edgepipe-agent")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,295 @@
+"""`edgepipe-submit`: send batches to a running pipeline and report throughput and latency."""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import typer
+from edgepipe.agent.bundle import BundleError, read_manifest
+from edgepipe.agent.client import Client, ClientError, Result
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
+
+
+class SubmitError(ValueError):
+    """Bad input files or options; one line for the user."""
+
+
+@dataclass(frozen=True)
+class Report:
+    requests: int
+    samples: int
+    failed: int
+    wall_s: float
+    throughput_samples_s: float
+    latency_p50_ms: float
+    latency_p95_ms: float
+    latency_p99_ms: float
+    resends: int
+    duplicates: int
+    stage_compute_ms: list[float]  # median per stage
+    stage_overhead_ms: list[float]  # median time per stage outside ONNX Runtime
+    errors: list[str]
+    command: str
+    machine: str
+
+
+def percentile_ms(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q) * 1000) if values else math.nan
+
+
+def stage_medians(results: list[Result]) -> tuple[list[float], list[float]]:
+    """Median compute and outside-ORT time of each stage, in ms, from the results' traces."""
+    by_stage: dict[int, list[tuple[float, float]]] = {}
+    for result in results:
+        for rec in result.trace:
+            by_stage.setdefault(rec.stage, []).append((rec.compute_s, rec.overhead_s))
+    stages = sorted(by_stage)
+    compute = [float(np.median([c for c, _ in by_stage[s]]) * 1000) for s in stages]
+    overhead = [float(np.median([o for _, o in by_stage[s]]) * 1000) for s in stages]
+    return compute, overhead
+
+
+def batches_from_array(data: np.ndarray, batch: int, count: int | None) -> list[np.ndarray]:
+    """Microbatches of ``batch`` samples (axis 0), the last one possibly smaller; with ``count``,
+    exactly ``count`` full microbatches, cycling through the data."""
+    if data.ndim == 0 or data.shape[0] == 0:
+        raise SubmitError(f"input array has shape {list(data.shape)}; need samples on axis 0")
+    if count is None:
+        return [np.ascontiguousarray(data[i:i + batch]) for i in range(0, data.shape[0], batch)]
+    return [np.ascontiguousarray(data[[(i * batch + j) % data.shape[0] for j in range(batch)]])
+            for i in range(count)]
+
+
+def load_images(folder: Path, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """Images -> float32 [N, 3, size, size], resized (shorter side) and centre-cropped, normalised."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise SubmitError("reading images needs Pillow (pip install pillow); or use --npy") from None
+    if not folder.is_dir():
+        raise SubmitError(f"{folder}: not a directory")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise SubmitError(f"{folder}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    arrays = []
+    for path in files:
+        try:
+            with Image.open(path) as img:
+                img = img.convert("RGB")
+                scale = size / min(img.size)
+                w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
+                img = img.resize((w, h), Image.Resampling.BICUBIC)
+                left, top = (w - size) // 2, (h - size) // 2
+                img = img.crop((left, top, left + size, top + size))
+                arrays.append(np.asarray(img, dtype=np.float32) / 255.0)
+        except OSError as exc:
+            raise SubmitError(f"{path}: not a readable image: {exc}") from None
+    data = (np.stack(arrays) - np.array(mean, np.float32)) / np.array(std, np.float32)
+    return np.ascontiguousarray(data.transpose(0, 3, 1, 2))
+
+
+def random_batches(shape: tuple[int, ...], dtype: str, batch: int, count: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal((batch, *shape)).astype(dtype) for _ in range(count)]
+
+
+def input_spec(bundle: Path | None, shape: str | None, dtype: str) -> tuple[str, tuple[int, ...], str]:
+    """(input name, per-sample shape, dtype) from the first stage's bundle or from --shape."""
+    if bundle is not None:
+        manifest = read_manifest(bundle)
+        if manifest.stage_index != 0:
+            raise SubmitError(f"{bundle} is stage {manifest.stage_index}; --bundle takes the first stage")
+        if len(manifest.inputs) != 1:
+            raise SubmitError(f"{bundle}: the model takes {len(manifest.inputs)} inputs; use --npy per input")
+        spec = manifest.inputs[0]
+        if not all(isinstance(d, int) for d in spec.shape[1:]):
+            raise SubmitError(f"{bundle}: input {spec.name!r} has symbolic axes {list(spec.shape)}; "
+                              "use --shape")
+        return spec.name, tuple(int(d) for d in spec.shape[1:]), spec.dtype
+    try:
+        dims = tuple(int(d) for d in (shape or "3,224,224").replace("x", ",").split(","))
+    except ValueError:
+        raise SubmitError(f"--shape {shape!r}: expected sizes like 3,224,224") from None
+    return "", dims, dtype
+
+
+Outcome = Result | ClientError
+
+
+def submit_all(client: Client, batches: list[np.ndarray], name: str, warmup: int,
+               on_result: Callable[[Outcome], None] | None = None) -> tuple[list[Outcome], float]:
+    """Warm up, then push every batch through ``client.results``; return outcomes and wall time."""
+    def named(batch: np.ndarray) -> dict[str, np.ndarray] | np.ndarray:
+        return {name: batch} if name else batch
+
+    for outcome in client.results([named(batches[0])] * warmup, errors="return"):
+        if isinstance(outcome, ClientError):
+            raise outcome
+    outcomes: list[Result | ClientError] = []
+    start = time.perf_counter()
+    for outcome in client.results((named(b) for b in batches), errors="return"):
+        outcomes.append(outcome)
+        if on_result:
+            on_result(outcome)
+    return outcomes, time.perf_counter() - start
+
+
+def make_report(outcomes: list[Result | ClientError], batches: list[np.ndarray], wall_s: float,
+                client: Client) -> Report:
+    ok = [o for o in outcomes if isinstance(o, Result)]
+    bad = [o for o in outcomes if not isinstance(o, Result)]
+    latencies = [r.latency_s for r in ok]
+    samples = sum(b.shape[0] for b, o in zip(batches, outcomes, strict=True) if isinstance(o, Result))
+    compute, overhead = stage_medians(ok)
+    return Report(
+        requests=len(outcomes), samples=samples, failed=len(bad), wall_s=wall_s,
+        throughput_samples_s=samples / wall_s if wall_s > 0 else math.nan,
+        latency_p50_ms=percentile_ms(latencies, 50), latency_p95_ms=percentile_ms(latencies, 95),
+        latency_p99_ms=percentile_ms(latencies, 99), resends=client.resends, duplicates=client.duplicates,
+        stage_compute_ms=compute, stage_overhead_ms=overhead, errors=[str(e) for e in bad[:10]],
+        command=shlex.join(["edgepipe-submit", *sys.argv[1:]]),
+        machine=f"{platform.node()} {platform.machine()} {platform.processor() or ''}".strip(),
+    )
+
+
+def save_outputs(path: Path, outcomes: list[Result | ClientError]) -> None:
+    ok = [o for o in outcomes if isinstance(o, Result)]
+    if not ok:
+        raise SubmitError("no successful results to save")
+    names = list(ok[0].outputs)
+    merged = {n: np.concatenate([r.outputs[n] for r in ok]) for n in names}
+    if path.suffix == ".npz":
+        np.savez(path, **merged)
+    elif len(names) == 1:
+        np.save(path, merged[names[0]])
+    else:
+        raise SubmitError(f"the pipeline returns {len(names)} outputs ({', '.join(names)}); "
+                          "save to a .npz file")
+
+
+def print_report(report: Report) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="edgepipe-submit", show_header=False)
+    table.add_row("requests (failed)", f"{report.requests} ({report.failed})")
+    table.add_row("samples", str(report.samples))
+    table.add_row("wall time", f"{report.wall_s:.3f} s")
+    table.add_row("throughput", f"{report.throughput_samples_s:.1f} samples/s")
+    p50, p95, p99 = report.latency_p50_ms, report.latency_p95_ms, report.latency_p99_ms
+    table.add_row("latency p50 / p95 / p99", f"{p50:.1f} / {p95:.1f} / {p99:.1f} ms")
+    table.add_row("resends / duplicates", f"{report.resends} / {report.duplicates}")
+    for i, (c, o) in enumerate(zip(report.stage_compute_ms, report.stage_overhead_ms, strict=True)):
+        table.add_row(f"stage {i} median compute / outside ORT", f"{c:.2f} / {o:.2f} ms")
+    console = Console()
+    console.print(table)
+    for err in report.errors:
+        console.print(f"[red]error:[/red] {err}", highlight=False)
+
+
+@app.command()
+def submit(
+    entry: str = typer.Argument(..., metavar="ENTRY", help="First agent's --listen, e.g. tcp://dev0:5550."),
+    exit_: str = typer.Argument(..., metavar="EXIT", help="Last agent's --results address, e.g. tcp://dev2:5551."),
+    random: bool = typer.Option(False, "--random", help="Send random data (the default)."),
+    npy: Path | None = typer.Option(None, "--npy", help="A .npy array of samples (axis 0)."),
+    images: Path | None = typer.Option(None, "--images", help="A folder of images (needs Pillow)."),
+    bundle: Path | None = typer.Option(None, "--bundle", help="First stage's bundle (input name/shape)."),
+    shape: str | None = typer.Option(None, "--shape", help="Per-sample shape for --random [3,224,224]."),
+    dtype: str = typer.Option("float32", "--dtype", help="dtype for --random without --bundle."),
+    batch: int = typer.Option(8, "--batch", "-b", min=1, help="Microbatch size (samples per request)."),
+    count: int | None = typer.Option(None, "--count", "-n", min=1,
+                                     help="Number of microbatches [8 for --random; all data otherwise]."),
+    window: int = typer.Option(8, "--window", min=1, help="Requests in flight."),
+    timeout_s: float = typer.Option(30.0, "--timeout-s", help="Resend a request after this long."),
+    retries: int = typer.Option(2, "--retries", min=0, help="Resends before a request fails."),
+    warmup: int = typer.Option(1, "--warmup", min=0, help="Microbatches sent first and not measured."),
+    image_size: int = typer.Option(224, "--image-size", help="Square image size for --images."),
+    mean: str = typer.Option("0.5,0.5,0.5", "--mean", help="Per-channel mean for --images (timm ViT)."),
+    std: str = typer.Option("0.5,0.5,0.5", "--std", help="Per-channel std for --images."),
+    seed: int = typer.Option(0, "--seed", help="Seed for --random."),
+    save: Path | None = typer.Option(None, "--save", help="Write outputs in order to a .npy (or .npz) file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Send microbatches to a pipeline; print throughput and latency p50/p95/p99.
+
+    Example: edgepipe-submit tcp://dev0:5550 tcp://dev2:5551 --bundle stage-0 --random -b 8 -n 32
+    """
+    if sum(x is not None and x is not False for x in (npy, images)) + random > 1:
+        raise _fail("give only one of --random, --npy, --images")
+    try:
+        name, sample_shape, sample_dtype = input_spec(bundle, shape, dtype)
+        if npy is not None:
+            try:
+                data = np.load(npy, allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                raise SubmitError(f"{npy}: not a readable .npy file: {exc}") from None
+            batches = batches_from_array(data, batch, count)
+        elif images is not None:
+            data = load_images(images, image_size, _floats(mean, "--mean"), _floats(std, "--std"))
+            batches = batches_from_array(data, batch, count)
+        else:
+            batches = random_batches(sample_shape, sample_dtype, batch, count or 8, seed)
+    except (SubmitError, BundleError, TypeError) as exc:
+        raise _fail(str(exc)) from None
+
+    try:
+        with Client(entry, exit_, window=window, timeout_s=timeout_s, retries=retries) as client:
+            outcomes, wall = _run_with_progress(client, batches, name, warmup, quiet=as_json)
+            report = make_report(outcomes, batches, wall, client)
+    except (ClientError, ValueError) as exc:
+        raise _fail(str(exc), code=1) from None
+    if save is not None:
+        try:
+            save_outputs(save, outcomes)
+        except (SubmitError, OSError) as exc:
+            raise _fail(str(exc), code=1) from None
+    if as_json:
+        typer.echo(json.dumps(asdict(report)))
+    else:
+        print_report(report)
+    raise typer.Exit(1 if report.failed else 0)
+
+
+def _run_with_progress(client: Client, batches: list[np.ndarray], name: str, warmup: int,
+                       quiet: bool) -> tuple[list[Result | ClientError], float]:
+    if quiet:
+        return submit_all(client, batches, name, warmup)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("submitting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  transient=True) as progress:
+        task = progress.add_task("submit", total=len(batches))
+        return submit_all(client, batches, name, warmup, lambda _: progress.advance(task))
+
+
+def _floats(text: str, option: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise SubmitError(f"{option} {text!r}: expected numbers like 0.5,0.5,0.5") from None
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    typer.echo(f"edgepipe-submit: error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def main() -> None:
+    app(prog_name="edgepipe-submit")
+
+
+if __name__ == "__main__":
+    main()
