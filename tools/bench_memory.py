@@ -30,7 +30,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).parent))
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-console = Console()
+console = Console(width=150)
 DATA_PORT, RESULTS_PORT = 5550, 5551
 
 

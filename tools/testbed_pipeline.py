@@ -1,0 +1,110 @@
+"""Run a compiled pipeline inside the testbed and measure it: the benchmarks' shared runner.
+
+One agent per stage, each started inside its planned device (network namespace, tbf-shaped link,
+cgroup CPU quota and memory limit); the client runs in the root namespace. Returns throughput
+(steady state, pipeline fill excluded), every output (for checking against the whole model), the
+per-stage medians from the agents' traces, and each agent's peak memory.
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from edgepipe.agent.bundle import read_manifest
+from edgepipe.agent.client import Client
+from testbed import Testbed
+
+DATA_PORT, RESULTS_PORT = 5550, 5551
+AGENT = str(Path(sys.executable).parent / "edgepipe-agent")
+
+
+@dataclass(frozen=True)
+class PipelineRun:
+    throughput: float  # samples/s between the first and the last result after the warm-up
+    outputs: list[np.ndarray]
+    stage_compute_s: list[float]  # per stage, median ONNX Runtime time of one microbatch
+    stage_devices: list[str]
+    peak_rss_bytes: list[int] = field(default_factory=list)
+    cgroup_peak_bytes: list[int] = field(default_factory=list)
+    oom_kills: list[int] = field(default_factory=list)
+
+
+def run_on_testbed(cluster_path: Path, bundle_dirs: list[Path], stage_devices: list[str],
+                   batches: list[np.ndarray], threads: int = 1, warmup: int = 1,
+                   timeout_s: float = 600.0, workdir: Path | None = None) -> PipelineRun:
+    """Serve ``bundle_dirs`` on ``stage_devices`` and push ``batches`` through (the first ``warmup``
+    batches are sent first and not timed)."""
+    workdir = Path(workdir or bundle_dirs[0].parent).resolve()
+    first = read_manifest(bundle_dirs[0]).inputs[0]
+    n = len(stage_devices)
+    with Testbed(cluster_path, name=f"bench-{uuid.uuid4().hex[:8]}") as bed:
+        procs: dict[int, subprocess.Popen] = {}
+        ready = [workdir / f"ready-{i}.json" for i in range(n)]
+        for i in reversed(range(n)):  # each agent needs the next one's address
+            name = stage_devices[i]
+            ready[i].unlink(missing_ok=True)
+            argv = [AGENT, "serve", str(Path(bundle_dirs[i]).resolve()), "--listen", bed.endpoint(name, DATA_PORT),
+                    "--threads", str(threads), "--ready-file", str(ready[i]), "--log-level", "warning",
+                    "--max-batch", str(max(len(b) for b in batches))]
+            if i + 1 < n:
+                argv += ["--next", bed.endpoint(stage_devices[i + 1], DATA_PORT)]
+            else:
+                argv += ["--results", bed.endpoint(name, RESULTS_PORT)]
+            procs[i] = bed.run_in(name, argv, stderr=subprocess.PIPE, text=True)
+        _wait_ready(ready, list(procs.values()))
+        entry, exit_ = bed.endpoint(stage_devices[0], DATA_PORT), bed.endpoint(stage_devices[-1], RESULTS_PORT)
+        with Client(entry, exit_, timeout_s=timeout_s, window=n + 2) as client:
+            for batch in batches[:warmup]:
+                client.run({first.name: batch})
+            results = list(client.results({first.name: b} for b in batches[warmup:]))
+        done = [r for r in results]
+        arrivals = sorted(r.trace[-1].send for r in done if r.trace)
+        samples = sum(len(b) for b in batches[warmup + 1:])
+        # Steady state: from the first result to the last, the samples of all but the first.
+        span = arrivals[-1] - arrivals[0] if len(arrivals) > 1 else float("nan")
+        compute = [statistics.median(r.trace[i].compute_s for r in done) for i in range(n)]
+        run = PipelineRun(
+            throughput=samples / span if span and span > 0 else float("nan"),
+            outputs=[next(iter(r.outputs.values())) for r in done],
+            stage_compute_s=compute,
+            stage_devices=list(stage_devices),
+            peak_rss_bytes=[_status(procs[i].pid).get("VmHWM", 0) for i in range(n)],
+            cgroup_peak_bytes=[bed.peak_memory(name) for name in stage_devices],
+            oom_kills=[bed.oom_kills(name) for name in stage_devices],
+        )
+    return run
+
+
+def _status(pid: int) -> dict[str, int]:
+    """Memory lines of /proc/PID/status, in bytes. (A cgroup's own peak also counts page cache, e.g.
+    the bundle files read for their hashes, which the kernel reclaims under the limit.)"""
+    values = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in ("VmHWM", "RssAnon", "RssFile") and rest.strip().endswith("kB"):
+                values[key] = int(rest.split()[0]) * 1024
+    except OSError:
+        pass
+    return values
+
+
+def _wait_ready(ready_files: list[Path], procs: list[subprocess.Popen], timeout_s: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not all(p.exists() for p in ready_files):
+        for proc in procs:
+            if proc.poll() is not None:
+                raise RuntimeError(f"an agent exited with {proc.returncode}: {proc.stderr.read()[-500:]}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"agents not ready after {timeout_s:.0f} s")
+        time.sleep(0.2)
