@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-import time
-import uuid
 from pathlib import Path
 from typing import Annotated
 
@@ -31,7 +28,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 console = Console(width=150)
-DATA_PORT, RESULTS_PORT = 5550, 5551
 
 
 def cluster_toml(name: str, devices: int, memory: str, cpu: float, bandwidth: str, gflops: float) -> str:
@@ -56,12 +52,11 @@ def main(
     """Run a model too big for any one device across several memory-capped emulated devices."""
     import emulate
     from edgepipe.agent.bundle import read_manifest
-    from edgepipe.agent.client import Client
     from edgepipe.compiler.build import candidate_cuts, compile_model, load_model, spec_for
     from edgepipe.compiler.verify import cpu_session
     from edgepipe.planner.cluster import cluster_from_dict, problem_for
     from edgepipe.planner.solver import solve
-    from testbed import Testbed
+    from testbed_pipeline import run_on_testbed
 
     problem_host = emulate.host_problem()
     if problem_host:
@@ -101,89 +96,35 @@ def main(
     del whole
 
     # 4. The pipeline in the testbed, page cache dropped so weights are charged to the devices.
-    agent = str(Path(sys.executable).parent / "edgepipe-agent")
     emulate.drop_page_cache()
-    rows = []
-    with Testbed(cluster_path, name=f"bench-mem-{uuid.uuid4().hex[:6]}") as bed:
-        procs = []
-        for i in reversed(range(len(stage_devices))):
-            name = stage_devices[i]
-            argv = [agent, "serve", str(result.bundle_dirs[i].resolve()), "--listen", bed.endpoint(name, DATA_PORT),
-                    "--threads", str(threads), "--ready-file", str((out / f"ready-{i}.json").resolve()),
-                    "--log-level", "warning", "--max-batch", str(microbatch)]
-            if i + 1 < len(stage_devices):
-                argv += ["--next", bed.endpoint(stage_devices[i + 1], DATA_PORT)]
-            else:
-                argv += ["--results", bed.endpoint(name, RESULTS_PORT)]
-            (out / f"ready-{i}.json").unlink(missing_ok=True)
-            procs.append(bed.run_in(name, argv, stderr=subprocess.PIPE, text=True))
-        _wait_ready([out / f"ready-{i}.json" for i in range(len(stage_devices))], procs)
-        entry = bed.endpoint(stage_devices[0], DATA_PORT)
-        exit_ = bed.endpoint(stage_devices[-1], RESULTS_PORT)
-        with Client(entry, exit_, timeout_s=600.0, window=len(stage_devices) + 1) as client:
-            client.run({first.name: batches[0]})  # warm-up: first touch of every weight page
-            start = time.perf_counter()
-            outputs = [next(iter(r.values())) for r in client.map({first.name: b} for b in batches[1:])]
-            seconds = time.perf_counter() - start
-        worst = max(float(np.abs(o - e).max()) for o, e in zip(outputs, expected[1:]))
-        for i, name in enumerate(stage_devices):
-            manifest = read_manifest(result.bundle_dirs[i])
-            # procs were started last stage first
-            status = _proc_status(procs[len(stage_devices) - 1 - i].pid)
-            rows.append({"stage": i, "device": name, "weight_bytes": manifest.weight_bytes,
-                         "peak_rss_bytes": status.get("VmHWM", 0), "rss_anon_bytes": status.get("RssAnon", 0),
-                         "rss_file_bytes": status.get("RssFile", 0),
-                         "cgroup_peak_bytes": bed.peak_memory(name), "oom_kills": bed.oom_kills(name)})
+    run = run_on_testbed(cluster_path, result.bundle_dirs, stage_devices, batches, threads=threads,
+                         workdir=out)
+    worst = max(float(np.abs(o - e).max()) for o, e in zip(run.outputs, expected[1:]))
+    rows = [{"stage": i, "device": name, "weight_bytes": read_manifest(result.bundle_dirs[i]).weight_bytes,
+             "peak_rss_bytes": run.peak_rss_bytes[i], "cgroup_peak_bytes": run.cgroup_peak_bytes[i],
+             "oom_kills": run.oom_kills[i]} for i, name in enumerate(stage_devices)]
     report = {
         "command": " ".join(sys.argv), "model": model, "devices": devices, "memory": memory, "cpu_per_device": cpu,
         "bandwidth": bandwidth, "microbatch": microbatch, "count": count,
         "whole_model_weight_bytes": sum(r["weight_bytes"] for r in rows),
         "single_device": single_device, "stages": len(stage_devices),
-        "throughput_samples_s": count * microbatch / seconds, "max_abs_diff": worst, "per_stage": rows,
+        "throughput_samples_s": run.throughput, "max_abs_diff": worst, "per_stage": rows,
     }
     if as_json:
         print(json.dumps(report, indent=2))
         return
     table = Table(title=f"{model} on {len(stage_devices)} emulated devices ({memory}, {cpu} core, {bandwidth} each)")
-    for col in ("stage", "device", "weights", "agent peak RSS", "anon / file RSS at end", "cgroup peak",
-                "OOM kills"):
+    for col in ("stage", "device", "weights", "agent peak RSS", "cgroup peak (incl. page cache)", "OOM kills"):
         table.add_column(col, justify="right")
     mib = 2**20
     for r in rows:
         table.add_row(str(r["stage"]), r["device"], f"{r['weight_bytes'] / mib:.0f} MiB",
-                      f"{r['peak_rss_bytes'] / mib:.0f} MiB",
-                      f"{r['rss_anon_bytes'] / mib:.0f} / {r['rss_file_bytes'] / mib:.0f} MiB",
-                      f"{r['cgroup_peak_bytes'] / mib:.0f} MiB", str(r["oom_kills"]))
+                      f"{r['peak_rss_bytes'] / mib:.0f} MiB", f"{r['cgroup_peak_bytes'] / mib:.0f} MiB",
+                      str(r["oom_kills"]))
     console.print(table)
     console.print(f"one device: {single_device}")
-    console.print(f"throughput {report['throughput_samples_s']:.3f} samples/s over {count} microbatches of "
+    console.print(f"throughput {run.throughput:.3f} samples/s (steady state) over {count} microbatches of "
                   f"{microbatch}; max |pipeline - whole model| = {worst:.3g}")
-
-
-def _proc_status(pid: int) -> dict[str, int]:
-    """Memory lines of /proc/PID/status in bytes. The cgroup's own peak also counts page cache
-    (the bundle files read for their hashes), which the kernel reclaims under the limit; the
-    process's resident set is what the stage really needs."""
-    values = {}
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            key, _, rest = line.partition(":")
-            if key in ("VmHWM", "RssAnon", "RssFile") and rest.strip().endswith("kB"):
-                values[key] = int(rest.split()[0]) * 1024
-    except OSError:
-        pass
-    return values
-
-
-def _wait_ready(ready_files: list[Path], procs: list[subprocess.Popen], timeout_s: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not all(p.exists() for p in ready_files):
-        for proc in procs:
-            if proc.poll() is not None:
-                raise SystemExit(f"error: an agent exited with {proc.returncode}: {proc.stderr.read()[-500:]}")
-        if time.monotonic() > deadline:
-            raise SystemExit(f"error: agents not ready after {timeout_s:.0f} s")
-        time.sleep(0.2)
 
 
 if __name__ == "__main__":
