@@ -30,10 +30,15 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check compiler agent planner models tests tools
 
+# Minutes to an hour; the testbed benchmarks need root. Results go to build/bench-*.json.
 bench: $(STAMP)
-	$(PY) tools/bench_compile.py
-	$(PY) tools/bench_runtime.py
-	$(PY) tools/bench_planner.py
+	@mkdir -p build
+	$(PY) tools/bench_compile.py --json > build/bench-compile.json
+	$(PY) tools/bench_runtime.py --json build/bench-runtime.json
+	$(PY) tools/bench_planner.py --json build/bench-planner.json
+	$(PY) tools/bench_testbed.py --json build/bench-testbed.json
+	$(PY) tools/bench_cluster.py all --json build/bench-cluster.json
+	$(PY) tools/bench_memory.py --json > build/bench-memory.json
 
 clean:
 	rm -rf build .pytest_cache
