@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(PY) tools/bench_planner.py --json build/bench-planner.json
 	$(PY) tools/bench_testbed.py --json build/bench-testbed.json
 	$(PY) tools/bench_cluster.py all --json build/bench-cluster.json
+	$(PY) tools/plot_bench.py build/bench-cluster.json -o docs/img
 	$(PY) tools/bench_memory.py --json > build/bench-memory.json
 
 clean:
