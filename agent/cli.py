@@ -55,6 +55,8 @@ def serve_cmd(
     ready_file: Path | None = typer.Option(None, "--ready-file",
                                            help="Write {pid, listen, results} JSON here once serving."),
     cpus: str | None = typer.Option(None, "--cpus", help="Pin to these CPUs (taskset list, e.g. 0,2-3)."),
+    control: str | None = typer.Option(None, "--control", help="Also answer status and link probes here "
+                                       "(the control protocol, without profile), e.g. tcp://*:5560."),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
     parent_pid: int | None = typer.Option(None, "--parent-pid", hidden=True,
                                           help="Exit when this process stops being our parent."),
@@ -94,6 +96,13 @@ def serve_cmd(
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
+        if control is not None:
+            import platform
+
+            from edgepipe.agent.control import ControlConfig, start_control_thread
+
+            start_control_thread(ControlConfig(listen=control, device=platform.node(), threads=threads,
+                                               commands=("status", "probe", "echo")), stop)
         code = serve(config, stop, abort)
     except (BundleError, SessionError, TransportError, ValueError, OSError) as exc:
         raise _fail(str(exc)) from None

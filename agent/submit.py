@@ -16,6 +16,7 @@ import numpy as np
 import typer
 from edgepipe.agent.bundle import BundleError, read_manifest
 from edgepipe.agent.client import Client, ClientError, Result
+from edgepipe.agent.report import ReportError, compare, print_prediction, read_prediction
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -222,14 +223,20 @@ def submit(
     seed: int = typer.Option(0, "--seed", help="Seed for --random."),
     save: Path | None = typer.Option(None, "--save", help="Write outputs in order to a .npy (or .npz) file."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    plan: Path | None = typer.Option(None, "--report", metavar="PLAN.json",
+                                     help="Compare with this plan: predicted vs measured per stage."),
 ) -> None:
     """Send microbatches to a pipeline; print throughput and latency p50/p95/p99.
+
+    With --report PLAN.json (the plan the stages were compiled from), also print each stage's
+    predicted vs measured compute and send time, the throughput error and the bottleneck.
 
     Example: edgepipe-submit tcp://dev0:5550 tcp://dev2:5551 --bundle stage-0 --random -b 8 -n 32
     """
     if sum(x is not None and x is not False for x in (npy, images)) + random > 1:
         raise _fail("give only one of --random, --npy, --images")
     try:
+        prediction = read_prediction(plan) if plan is not None else None
         name, sample_shape, sample_dtype = input_spec(bundle, shape, dtype)
         if npy is not None:
             try:
@@ -242,7 +249,7 @@ def submit(
             batches = batches_from_array(data, batch, count)
         else:
             batches = random_batches(sample_shape, sample_dtype, batch, count or 8, seed)
-    except (SubmitError, BundleError, TypeError) as exc:
+    except (SubmitError, BundleError, ReportError, TypeError) as exc:
         raise _fail(str(exc)) from None
 
     try:
@@ -256,10 +263,19 @@ def submit(
             save_outputs(save, outcomes)
         except (SubmitError, OSError) as exc:
             raise _fail(str(exc), code=1) from None
+    compared = None
+    if prediction is not None:
+        traces = [o.trace for o in outcomes if isinstance(o, Result)]
+        try:
+            compared = compare(prediction, traces, batch) if traces else None
+        except ReportError as exc:
+            raise _fail(str(exc), code=1) from None
     if as_json:
-        typer.echo(json.dumps(asdict(report)))
+        typer.echo(json.dumps({**asdict(report), **({"prediction": asdict(compared)} if compared else {})}))
     else:
         print_report(report)
+        if compared is not None:
+            print_prediction(compared)
     raise typer.Exit(1 if report.failed else 0)
 
 

@@ -186,12 +186,15 @@ def _plan_for_cluster(model, onnx, checkpoint, opset, cluster_path, microbatch, 
     import dataclasses
 
     from edgepipe.compiler.planning import apply_profiles, load_device_profiles, usable_devices
+    from edgepipe.planner.baselines import all_baselines
     from edgepipe.planner.cluster import load_cluster, problem_for
-    from edgepipe.planner.explain import render_explain
+    from edgepipe.planner.explain import explain
     from edgepipe.planner.plan import save_plan
     from edgepipe.planner.problem import save_problem
     from edgepipe.planner.solver import solve
 
+    if profiles_dir is not None and not profile and not Path(profiles_dir).is_dir():
+        raise CompileError(f"--profiles-dir {profiles_dir}: no such directory; add --profile to measure the devices")
     loaded = load_model(model, onnx, checkpoint, opset)
     cluster = load_cluster(cluster_path)
     cuts = candidate_cuts(loaded, max_tensors)
@@ -221,7 +224,7 @@ def _plan_for_cluster(model, onnx, checkpoint, opset, cluster_path, microbatch, 
     Path(out).mkdir(parents=True, exist_ok=True)
     save_plan(plan, Path(out) / "plan.json")
     if not quiet:
-        render_explain(problem, plan, console=console)
+        console.print(explain(problem, plan, all_baselines(problem, plan.microbatch)))
     return plan
 
 
@@ -264,14 +267,17 @@ def _print_profile_sources(cluster, profiles, missing: dict[str, str], left_out:
     if quiet:
         return
     measured = {p.device for p in profiles}
+    profiled_types = {t.name for t in cluster.device_types if t.profiles}
     table = Table(title="Device compute times used by the planner")
-    table.add_column("device")
-    table.add_column("type")
-    table.add_column("source")
+    for col in ("device", "type", "source"):
+        table.add_column(col)
     for device in cluster.devices:
-        source = "measured profile" if device.name in measured else "type's profile (other devices)"
-        if device.name in missing:
-            source = "cluster file (gflops / reference)" if device.name not in measured else source
+        if device.name in measured:
+            source = "its measured profile"
+        elif device.type in profiled_types:
+            source = "median profile of its type's other devices"
+        else:
+            source = "cluster file (gflops or reference + speed)"
         table.add_row(device.name, device.type, source)
     console.print(table)
 

@@ -70,3 +70,20 @@ def apply_profiles(cluster: Cluster, profiles: list[DeviceProfile]) -> Cluster:
         }
         types.append(dataclasses.replace(device_type, profiles=table))
     return dataclasses.replace(cluster, device_types=tuple(types))
+
+
+def usable_devices(cluster: Cluster, microbatch: int) -> tuple[Cluster, dict[str, str]]:
+    """``cluster`` without devices whose type has no way to time ``microbatch`` (no profile at that
+    size, no gflops, no reference that has one), and why each was left out."""
+    types = {t.name: t for t in cluster.device_types}
+
+    def timed(name: str, seen: frozenset[str] = frozenset()) -> bool:
+        t = types[name]
+        if microbatch in t.profiles or t.gflops is not None:
+            return True
+        return t.reference is not None and t.reference not in seen and timed(t.reference, seen | {name})
+
+    kept = tuple(d for d in cluster.devices if timed(d.type))
+    left_out = {d.name: f"type {d.type!r} has no profile at microbatch {microbatch} and no gflops"
+                for d in cluster.devices if not timed(d.type)}
+    return dataclasses.replace(cluster, devices=kept), left_out

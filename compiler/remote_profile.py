@@ -53,7 +53,7 @@ def profile_device(device: Device, bundle_dir: Path, out_dir: Path, microbatches
     """Reuse or measure one device's profile; never raises for the device's own failures."""
     try:
         endpoint = control_endpoint(device)
-        status = request_status(endpoint, timeout_s=min(timeout_s, 10.0))
+        status = request_status(endpoint, timeout_s=min(timeout_s, 5.0))
         path = profile_path(out_dir, device.name)
         want = expected_key(model_sha256, device.name, microbatches, str(status.get("ort_version")), threads)
         if path.is_file():
@@ -104,11 +104,19 @@ def profile_cluster(cluster: Cluster, profile_bundle_dir: Path, out_dir: Path, m
 def probe_links(cluster: Cluster, out_dir: Path, tensor_bytes: int, count: int = 5, seconds: float = 5.0,
                 timeout_s: float = 30.0) -> tuple[list[Link], dict[str, str]]:
     """Ask each device to probe every other (all ordered pairs); the slower direction of a pair is
-    its symmetric link. Saves ``<out_dir>/links.json``; returns the links and per-pair failures."""
+    its symmetric link. Saves ``<out_dir>/links.json``; returns the links and, per unreachable
+    device or failed pair ("a->b"), why."""
     measured: dict[tuple[str, str], dict] = {}
     failures: dict[str, str] = {}
-    for src in cluster.devices:
-        for dst in cluster.devices:
+    reachable = []
+    for device in cluster.devices:  # one short status each, so a dead device costs seconds, not minutes
+        try:
+            request_status(control_endpoint(device), timeout_s=min(timeout_s, 5.0))
+            reachable.append(device)
+        except ControlError as exc:
+            failures[device.name] = str(exc)
+    for src in reachable:
+        for dst in reachable:
             if src.name == dst.name:
                 continue
             try:

@@ -1,0 +1,77 @@
+"""Fixtures for the profiling tests: a vit_tiny profiling bundle (built once, by the real CLI) and
+real `edgepipe-agent control` daemons on loopback."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # profiling_testlib, whatever pytest's import mode
+
+from profiling_testlib import BIN, TINY, cli, dead_endpoint, write_cluster
+
+
+@pytest.fixture(scope="session")
+def profile_bundle_dir(vit_tiny_build, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`edgepipe-compile vit_tiny --profile-bundle DIR` (the export is cached by vit_tiny_build)."""
+    out = tmp_path_factory.mktemp("profile-bundle") / "pb"
+    result = cli("edgepipe-compile", TINY, "--profile-bundle", str(out), "--json")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
+def start_control(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., str]]:
+    """start(device, *extra_args) -> the control endpoint of a new `edgepipe-agent control` process."""
+    procs: list[subprocess.Popen] = []
+    root = tmp_path_factory.mktemp("control")
+
+    def start(device: str, *extra: str) -> str:
+        ready = root / f"{device}-{len(procs)}.json"
+        log = open(root / f"{device}-{len(procs)}.log", "w")  # noqa: SIM115 - kept open for the process
+        proc = subprocess.Popen([str(BIN / "edgepipe-agent"), "control", "--listen", "tcp://127.0.0.1:0",
+                                 "--device", device, "--ready-file", str(ready), *extra],
+                                stdout=log, stderr=subprocess.STDOUT)
+        procs.append(proc)
+        deadline = time.monotonic() + 60
+        while not ready.exists() or not ready.read_text():
+            assert proc.poll() is None, (root / f"{device}-{len(procs) - 1}.log").read_text()
+            assert time.monotonic() < deadline, "control daemon did not start"
+            time.sleep(0.05)
+        return json.loads(ready.read_text())["listen"]
+
+    yield start
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def daemons(start_control: Callable[..., str]) -> dict[str, str]:
+    """Two control daemons, d0 and d1: device name -> endpoint."""
+    return {"d0": start_control("d0"), "d1": start_control("d1")}
+
+
+@pytest.fixture(scope="session")
+def planned(daemons, vit_tiny_build, tmp_path_factory) -> Path:
+    """`edgepipe-compile vit_tiny --cluster --profile --probe-links` over d0, d1 and a dead device."""
+    root = tmp_path_factory.mktemp("planned")
+    cluster = write_cluster(root / "c.toml", {**daemons, "gone": dead_endpoint()}, types={"gone": "slow"})
+    result = cli("edgepipe-compile", TINY, "--cluster", str(cluster), "--profile", "--probe-links",
+                 "--microbatch", "2", "-o", str(root / "out"), "--no-verify")
+    assert result.returncode == 0, result.stderr
+    (root / "stderr.txt").write_text(result.stderr)
+    (root / "stdout.txt").write_text(result.stdout)
+    return root

@@ -1,0 +1,140 @@
+"""The control daemon (`edgepipe-agent control`) as a real process on loopback: status, profile over
+the wire, refusals that leave it answering, and link probes between two daemons."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import msgpack
+import pytest
+import zmq
+from edgepipe.agent.control import (
+    CONTROL_VERSION,
+    ControlError,
+    bundle_files,
+    control_request,
+    request_probe,
+    request_profile,
+    request_status,
+)
+from edgepipe.agent.profiles import load_profile_bundle
+from profiling_testlib import dead_endpoint
+
+
+def raw_request(endpoint: str, frames: list[bytes], timeout_s: float = 10.0) -> dict:
+    """Send frames exactly as given (after the routing envelope) and decode the reply header."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    try:
+        sock.send_multipart(frames)
+        assert sock.poll(int(timeout_s * 1000)), "no reply"
+        return msgpack.unpackb(sock.recv_multipart()[-1], raw=False)
+    finally:
+        sock.close()
+        ctx.term()
+
+
+def test_status_names_device_and_runtime(daemons: dict[str, str]) -> None:
+    import onnxruntime as ort
+
+    status = request_status(daemons["d0"])
+    assert status["ok"] is True and status["device"] == "d0"
+    assert status["ort_version"] == ort.__version__
+    assert status["cores"] >= 1 and status["host"]["cores"] == status["cores"]
+    assert status["edgepipe_version"] and status["max_request_bytes"] > 0
+
+
+def test_profile_over_the_wire(daemons: dict[str, str], profile_bundle_dir: Path) -> None:
+    profile = request_profile(daemons["d1"], profile_bundle_dir, "d1", microbatches=(2,), repeats=1, warmup=0)
+    bundle = load_profile_bundle(profile_bundle_dir)
+    assert profile.device == "d1" and profile.model_sha256 == bundle.model_sha256
+    assert profile.segment_names == bundle.segment_names
+    assert list(profile.seconds) == [2] and all(t > 0 for t in profile.seconds[2])
+    assert profile.repeats == 1 and profile.warmup == 0 and profile.threads == 1
+
+
+def test_corrupted_piece_is_refused_and_daemon_still_answers(daemons: dict[str, str], profile_bundle_dir: Path,
+                                                             tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(profile_bundle_dir, broken)
+    data = next(broken.glob("piece-1/*.data"))
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # the request's own sha256 will match; the bundle manifest's will not
+    data.write_bytes(bytes(raw))
+    with pytest.raises(ControlError, match=r"profiling bundle refused: .*piece-1"):
+        request_profile(daemons["d0"], broken, "d0", microbatches=(1,), repeats=1, warmup=0)
+    assert request_status(daemons["d0"])["device"] == "d0"
+
+
+def test_transfer_damage_is_caught_by_the_request_hashes(daemons: dict[str, str], profile_bundle_dir: Path) -> None:
+    entries, frames = bundle_files(profile_bundle_dir)
+    frames[0] = frames[0] + b" "
+    with pytest.raises(ControlError, match="sha256 does not match"):
+        control_request(daemons["d0"], {"cmd": "profile", "files": entries, "microbatches": [1]}, frames)
+    assert request_status(daemons["d0"])["ok"]
+
+
+def test_oversize_request_gets_a_clear_error(start_control: Callable[..., str]) -> None:
+    endpoint = start_control("small", "--max-request-mb", "0.5")
+    chunk = b"\0" * 200_000  # three frames, each under the limit, together over it
+    entries = [{"path": f"f{i}", "sha256": hashlib.sha256(chunk).hexdigest()} for i in range(3)]
+    with pytest.raises(ControlError, match="over this device's limit of 524288 bytes"):
+        control_request(endpoint, {"cmd": "profile", "files": entries, "microbatches": [1]}, [chunk] * 3)
+    assert request_status(endpoint)["device"] == "small"
+
+
+@pytest.mark.parametrize(("frames", "message"), [
+    ([b"", b"\xc1not msgpack"], "header is not msgpack"),
+    ([b"", msgpack.packb([1, 2])], "must be a msgpack map"),
+    ([b"", msgpack.packb({"v": 99, "cmd": "status"})], "version 99 is not supported"),
+    ([b"", msgpack.packb({"v": CONTROL_VERSION, "cmd": "reboot"})], "unknown command 'reboot'"),
+    ([msgpack.packb({"v": CONTROL_VERSION, "cmd": "status"})], "expected an empty delimiter"),
+    ([b"", msgpack.packb({"v": CONTROL_VERSION, "cmd": "profile", "files": [{"path": "../x", "sha256": ""}],
+                          "microbatches": [1]}), b"x"], "must be relative and stay inside"),
+    ([b"", msgpack.packb({"v": CONTROL_VERSION, "cmd": "profile", "files": [], "microbatches": [0]})],
+     "'microbatches' must be an integer in 1..1024"),
+    ([b"", msgpack.packb({"v": CONTROL_VERSION, "cmd": "probe", "peer": "ipc:///tmp/x"})], "tcp:// control"),
+])
+def test_malformed_requests_get_error_replies(daemons: dict[str, str], frames: list[bytes], message: str) -> None:
+    reply = raw_request(daemons["d0"], frames)
+    assert reply["ok"] is False and message in reply["error"]
+    assert request_status(daemons["d0"])["ok"]
+
+
+def test_probe_between_two_daemons(daemons: dict[str, str]) -> None:
+    reply = request_probe(daemons["d0"], daemons["d1"], tensor_bytes=1 << 20, count=4, seconds=5)
+    assert reply["peer"] == daemons["d1"]
+    assert reply["bandwidth_mbps"] > 0 and reply["latency_s"] > 0
+    assert 1 <= reply["samples"] <= 4
+
+
+def test_probe_to_a_dead_peer_is_an_error_not_a_hang(daemons: dict[str, str]) -> None:
+    with pytest.raises(ControlError, match="did not answer an echo"):
+        request_probe(daemons["d0"], dead_endpoint(), tensor_bytes=1024, count=2, seconds=1)
+    assert request_status(daemons["d0"])["ok"]
+
+
+def test_unreachable_daemon_times_out_by_name() -> None:
+    endpoint = dead_endpoint()
+    with pytest.raises(ControlError, match=re.escape(f"{endpoint}: no answer to 'status'")):
+        request_status(endpoint, timeout_s=0.5)
+
+
+def test_serving_agent_answers_status_and_probes_but_not_profile(vit_tiny_build, daemons: dict[str, str],
+                                                                 profile_bundle_dir: Path) -> None:
+    from edgepipe.agent.local import LocalPipeline
+
+    control = dead_endpoint()
+    with LocalPipeline([vit_tiny_build.bundle_dirs[0]], agent_args=["--control", control]) as pipe:
+        status = request_status(control, timeout_s=30)
+        assert status["commands"] == ["status", "probe", "echo"]
+        with pytest.raises(ControlError, match="command 'profile' is not offered here"):
+            request_profile(control, profile_bundle_dir, "serving", microbatches=(1,), repeats=1, warmup=0)
+        assert request_probe(daemons["d0"], control, tensor_bytes=64 * 1024, count=2)["bandwidth_mbps"] > 0
+        assert pipe.agents[0].process.poll() is None
