@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(PY) tools/bench_cluster.py all --json build/bench-cluster.json
 	$(PY) tools/plot_bench.py build/bench-cluster.json -o docs/img
 	$(PY) tools/bench_memory.py --json > build/bench-memory.json
+	$(PY) tools/bench_prediction.py --stages 2,3 --repeats 3 --json build/bench-prediction.json
 
 clean:
 	rm -rf build .pytest_cache
