@@ -191,6 +191,22 @@ def _tail(path: Path, lines: int = 5) -> str:
     return " | ".join(text[-lines:]) or "(empty log)"
 
 
+def stop_processes(processes: Sequence[subprocess.Popen], timeout_s: float = 10.0) -> None:
+    """SIGTERM every live process at once, wait up to ``timeout_s`` for each, SIGKILL the rest.
+
+    For processes that need no order (control daemons, benchmark helpers); a pipeline stops in
+    order with ``LocalPipeline.stop``."""
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 def _terminate(process: subprocess.Popen, timeout_s: float) -> None:
     if process.poll() is not None:
         return

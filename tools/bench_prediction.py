@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import signal
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from typing import Any
 
 import emulate
 import typer
+from edgepipe.agent.local import stop_processes
 from rich.console import Console
 from rich.table import Table
 from testbed import ClusterSpec, DeviceSpec, Testbed, TestbedError
@@ -69,18 +69,6 @@ def wait_ready(proc: subprocess.Popen, ready: Path, log: Path, what: str, timeou
         time.sleep(0.1)
 
 
-def stop(procs: list[subprocess.Popen]) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    for proc in procs:
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def run_one(model: str, n: int, cpu: float, microbatch: int, count: int, warmup: int, work: Path,
             log: Console) -> dict[str, Any]:
     devices = [f"dev{i}" for i in range(n)]
@@ -108,7 +96,7 @@ def run_one(model: str, n: int, cpu: float, microbatch: int, count: int, warmup:
         if compiled.returncode != 0:
             raise BenchError(f"edgepipe-compile failed: {compiled.stderr.strip()[-500:]}")
         plan_s = time.perf_counter() - started
-        stop(controls)  # free the devices' CPU and memory before serving
+        stop_processes(controls, timeout_s=60)  # free the devices' CPU and memory before serving
         plan = json.loads((out / "build" / "plan.json").read_text())
         stages = plan["stages"]
         log.print(f"[{n} stages] plan on {', '.join(s['device'] for s in stages)}; starting agents ...")
@@ -130,7 +118,7 @@ def run_one(model: str, n: int, cpu: float, microbatch: int, count: int, warmup:
                        "-b", str(microbatch), "-n", str(count), "--warmup", str(warmup), "--timeout-s", "300",
                        "--report", str(out / "build" / "plan.json"), "--json"]
         submitted = subprocess.run(submit_argv, capture_output=True, text=True)
-        stop(agents)
+        stop_processes(agents, timeout_s=60)
         if submitted.returncode != 0:
             raise BenchError(f"edgepipe-submit failed: {submitted.stderr.strip()[-500:]}")
         report = json.loads(submitted.stdout)

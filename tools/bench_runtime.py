@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import shlex
-import signal
 import subprocess
 import sys
 import tempfile
@@ -36,7 +35,7 @@ import numpy as np
 import typer
 import zmq
 from edgepipe.agent.client import Client
-from edgepipe.agent.local import LocalPipeline
+from edgepipe.agent.local import LocalPipeline, stop_processes
 from rich.console import Console
 from rich.table import Table
 
@@ -159,18 +158,6 @@ def start_relays(n: int, tmp: Path) -> tuple[list[subprocess.Popen], str, str]:
         raise
     assert next_ is not None
     return procs, next_, results
-
-
-def stop_processes(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
 
 
 def raw_round_trips(push: zmq.Socket, dealer: zmq.Socket, x: np.ndarray, count: int) -> list[float]:

@@ -4,7 +4,6 @@ real `edgepipe-agent control` daemons on loopback."""
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # profiling_testlib, whatever pytest's import mode
 
+from edgepipe.agent.local import stop_processes
 from profiling_testlib import BIN, TINY, cli, dead_endpoint, write_cluster
 
 
@@ -48,14 +48,7 @@ def start_control(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable
         return json.loads(ready.read_text())["listen"]
 
     yield start
-    for proc in procs:
-        proc.send_signal(signal.SIGTERM)
-    for proc in procs:
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    stop_processes(procs)
 
 
 @pytest.fixture(scope="session")
