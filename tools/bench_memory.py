@@ -51,6 +51,7 @@ def main(
 ) -> None:
     """Run a model too big for any one device across several memory-capped emulated devices."""
     import emulate
+    from bench_cluster import calibrate
     from edgepipe.agent.bundle import read_manifest
     from edgepipe.compiler.build import candidate_cuts, compile_model, load_model, spec_for
     from edgepipe.compiler.verify import cpu_session
@@ -65,15 +66,17 @@ def main(
     cpu = round(min(1.0, (os.cpu_count() or 2) / devices), 2)
     threads = 1
     out.mkdir(parents=True, exist_ok=True)
+    # Device speed for the prediction: one core's GFLOPS on this model, scaled by the CPU share.
+    gflops = calibrate(model, microbatch) * cpu
     cluster_path = out / "cluster.toml"
-    cluster_path.write_text(cluster_toml("bench-memory", devices, memory, cpu, bandwidth, gflops=10.0))
+    cluster_path.write_text(cluster_toml("bench-memory", devices, memory, cpu, bandwidth, gflops=gflops))
 
     # 1. One device cannot hold the model: ask the planner, which says why.
     import tomllib
 
     loaded = load_model(model)
     spec = spec_for(loaded, candidate_cuts(loaded))
-    one = tomllib.loads(cluster_toml("one", 1, memory, cpu, bandwidth, 10.0))
+    one = tomllib.loads(cluster_toml("one", 1, memory, cpu, bandwidth, gflops))
     try:
         solve(problem_for(cluster_from_dict(one, "one-device"), spec, microbatch))
         single_device = "fits (unexpected: increase the model or lower --memory)"
@@ -84,6 +87,7 @@ def main(
     from edgepipe.planner.cluster import load_cluster
 
     plan = solve(problem_for(load_cluster(cluster_path), spec, microbatch))
+    predicted = plan.throughput
     result = compile_model(model, out / "bundles", plan=plan)
     stage_devices = [s.device for s in plan.stages]
 
@@ -108,7 +112,8 @@ def main(
         "bandwidth": bandwidth, "microbatch": microbatch, "count": count,
         "whole_model_weight_bytes": sum(r["weight_bytes"] for r in rows),
         "single_device": single_device, "stages": len(stage_devices),
-        "throughput_samples_s": run.throughput, "max_abs_diff": worst, "per_stage": rows,
+        "throughput_samples_s": run.throughput, "predicted_samples_s": predicted,
+        "error_pct": 100.0 * (predicted - run.throughput) / run.throughput, "max_abs_diff": worst, "per_stage": rows,
     }
     if as_json:
         print(json.dumps(report, indent=2))
@@ -123,6 +128,7 @@ def main(
                       str(r["oom_kills"]))
     console.print(table)
     console.print(f"one device: {single_device}")
+    console.print(f"predicted {predicted:.3f} samples/s, error {report['error_pct']:+.0f}%")
     console.print(f"throughput {run.throughput:.3f} samples/s (steady state) over {count} microbatches of "
                   f"{microbatch}; max |pipeline - whole model| = {worst:.3g}")
 
