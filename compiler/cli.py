@@ -217,6 +217,7 @@ def _plan_for_cluster(model, onnx, checkpoint, opset, cluster_path, microbatch, 
         cluster = _probe_links(cluster, spec, profiles_dir, microbatch, quiet)
     problem = problem_for(cluster, spec, microbatch)
     if problem_out is not None:
+        Path(problem_out).parent.mkdir(parents=True, exist_ok=True)
         save_problem(problem, problem_out)
     plan = solve(problem)
     if left_out:
