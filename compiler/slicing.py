@@ -63,9 +63,9 @@ def slice_model(
     for k, (inputs, outputs) in enumerate(boundaries):
         bundle_dir = out_dir / stage_dir_name(k)
         stage = extract_stage(model, inputs, outputs, k)
-        manifest = write_stage(stage, bundle_dir, identity, k, len(boundaries), labels[k], labels[k + 1])
+        write_stage(stage, bundle_dir, identity, k, len(boundaries), labels[k], labels[k + 1])
         bundle_dirs.append(bundle_dir)
-        del stage, manifest
+        del stage  # free this stage's graph before extracting the next
         if on_stage is not None:
             on_stage(k)
     return bundle_dirs

@@ -70,6 +70,7 @@ def main(
         name, n, out = child.split("|")
         print(json.dumps(slice_once(name, int(n), out)))
         return
+    from edgepipe.agent.profiler import host_facts
     from edgepipe.compiler.export import export_model
     from edgepipe.models.registry import get_model
 
@@ -89,7 +90,7 @@ def main(
             rows.append({"model": name, "weights_bytes": weights, "export_s": export_s,
                          "export_cached": exported.cached, "stages": n, **result})
     machine = {"cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
-               "processor": _cpu_model()}
+               "processor": host_facts()["cpu"]}
     if as_json:
         print(json.dumps({"machine": machine, "command": " ".join(sys.argv), "rows": rows}, indent=2))
         return
@@ -103,16 +104,6 @@ def main(
                       f"{r['peak_rss_bytes'] / 2**20:.0f} MiB")
     Console().print(table)
     Console().print(f"machine: {machine}")
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

@@ -31,11 +31,10 @@ console = Console(width=150)
 
 
 def cluster_toml(name: str, devices: int, memory: str, cpu: float, bandwidth: str, gflops: float) -> str:
-    lines = [f'[cluster]\nname = "{name}"\n', f'[[type]]\nname = "board"\ngflops = {gflops}\n']
-    for i in range(devices):
-        lines.append(f'[[device]]\nname = "board-{i}"\ntype = "board"\nmemory = "{memory}"\n'
-                     f'bandwidth = "{bandwidth}"\ncpu = {cpu}\n')
-    return "\n".join(lines)
+    from bench_cluster import device_toml, type_toml
+
+    return (f'[cluster]\nname = "{name}"\n' + type_toml("board", gflops)
+            + "".join(device_toml(f"board-{i}", "board", cpu, memory, bandwidth) for i in range(devices)))
 
 
 @app.command()
