@@ -11,9 +11,9 @@ import threading
 from pathlib import Path
 
 import typer
-from edgepipe.agent.bundle import BundleError, load_bundle
-from edgepipe.agent.server import AgentConfig, serve
-from edgepipe.agent.session import SessionError, create_session
+from edgepipe.agent.device.session import SessionError, create_session
+from edgepipe.agent.device.stage import AgentConfig, serve
+from edgepipe.agent.formats.bundle import BundleError, load_bundle
 from edgepipe.agent.transport import TransportError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -99,7 +99,7 @@ def serve_cmd(
         if control is not None:
             import platform
 
-            from edgepipe.agent.control import ControlConfig, start_control_thread
+            from edgepipe.agent.device.daemon import ControlConfig, start_control_thread
 
             start_control_thread(ControlConfig(listen=control, device=platform.node(), threads=threads,
                                                commands=("status", "probe", "echo")), stop)
@@ -172,8 +172,8 @@ def profile_cmd(
 
     Example: edgepipe-agent profile build/vitb-profile --device pi-a --microbatch 1,8 -o pi-a.json
     """
-    from edgepipe.agent.profiler import profile_bundle
-    from edgepipe.agent.profiles import ProfileError, load_profile_bundle, profile_to_dict, save_profile
+    from edgepipe.agent.device.profiler import profile_bundle
+    from edgepipe.agent.formats.profiles import ProfileError, load_profile_bundle, profile_to_dict, save_profile
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -226,7 +226,7 @@ def control_cmd(
     """
     import platform
 
-    from edgepipe.agent.control import ControlConfig, run_control
+    from edgepipe.agent.device.daemon import ControlConfig, run_control
 
     if log_level.lower() not in LOG_LEVELS:
         raise _fail(f"--log-level {log_level!r}: choose one of {', '.join(LOG_LEVELS)}")
@@ -243,6 +243,37 @@ def control_cmd(
         run_control(config, stop)
     except (TransportError, OSError) as exc:
         raise _fail(str(exc)) from None
+
+
+@app.command("keygen")
+def keygen_cmd(
+    name: str = typer.Option("device", "--name", help="Key file name: NAME.key (public) and NAME.key_secret."),
+    key_dir: Path | None = typer.Option(None, "--dir", help="Where to write the keys "
+                                        "[$EDGEPIPE_KEYS, else ~/.config/edgepipe/keys]."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing keypair of that name."),
+    as_json: bool = typer.Option(False, "--json", help="Print {name, public_key, public_file, secret_file}."),
+) -> None:
+    """Create this machine's CurveZMQ keypair and print its public key.
+
+    Run it once on each device (and on the workstation and each client machine, with --name
+    workstation / --name client). The secret key never leaves the machine; copy the printed public
+    key into the cluster file (devices) or into the devices' authorized_keys (the workstation).
+
+    Example: edgepipe-agent keygen --dir /etc/edgepipe/keys
+    """
+    from edgepipe.agent.formats.keys import KeyFileError, generate_keypair
+    from edgepipe.agent.formats.keys import key_dir as default_key_dir
+
+    try:
+        pair, public, secret = generate_keypair(default_key_dir(key_dir), name, overwrite=force)
+    except (KeyFileError, OSError) as exc:
+        raise _fail(str(exc)) from None
+    if as_json:
+        typer.echo(json.dumps({"name": name, "public_key": pair.public_text, "public_file": str(public),
+                               "secret_file": str(secret)}))
+        return
+    typer.echo(f"public key {pair.public_text}")
+    typer.echo(f"wrote {public} (share it) and {secret} (mode 0600, never copy it)")
 
 
 def main() -> None:

@@ -4,8 +4,15 @@ Policy: small high-water marks (a few messages of up to a few MB each, so a slow
 back-pressure, not memory growth), bounded LINGER (shutdown never hangs on a dead peer), IMMEDIATE on
 connecting sockets (nothing queues for a peer that is not there), ZMTP heartbeats (half-open TCP
 connections are noticed and re-dialled), and MAXMSGSIZE on every socket that receives (libzmq drops
-the connection of a peer sending a bigger frame before allocating it). CurveZMQ keys will be applied
-in ``_common`` so that every link is covered by construction.
+the connection of a peer sending a bigger frame before allocating it).
+
+Security is a required argument of every bind and connect, so no socket is made without a decision:
+``ServerAuth`` (a binding socket: our keypair and the public keys allowed to connect, checked by a
+ZAP handler on the socket's context), ``ClientAuth`` (a connecting socket: our keypair and the
+server's public key), or ``INSECURE`` (plaintext, accepting anyone), which callers only pass when the
+user asked for insecure mode by name. A peer whose key is not on the list never completes the
+handshake, so none of its messages reach the socket; the key of an accepted peer is on every frame
+it sends (``peer_key``). Contexts that may hold a ZAP handler are closed with ``close_context``.
 
 Topology (see docs/formats/wire.md): data flows over PUSH -> PULL hops; the last stage binds a
 ROUTER and each client connects a DEALER whose routing id is its client id.
@@ -13,10 +20,15 @@ ROUTER and each client connects a DEALER whose routing id is its client id.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
+from edgepipe.agent.formats.keys import KeyPair
+from zmq.auth.thread import ThreadAuthenticator
 
 DEFAULT_HWM = 2
 LINGER_MS = 1000
@@ -29,58 +41,121 @@ class TransportError(RuntimeError):
     """A socket could not be bound or connected (bad endpoint, port in use)."""
 
 
+@dataclass(frozen=True)
+class Insecure:
+    """Plaintext, any peer accepted. Only ever passed when the user asked for insecure mode."""
+
+    def __repr__(self) -> str:
+        return "INSECURE"
+
+
+INSECURE = Insecure()
+
+
+@dataclass(frozen=True)
+class ServerAuth:
+    """A binding socket's security: our keypair, and the public keys (Z85) allowed to connect."""
+
+    keypair: KeyPair
+    allowed: frozenset[bytes]
+
+
+@dataclass(frozen=True)
+class ClientAuth:
+    """A connecting socket's security: our keypair, and the public key of the server we expect."""
+
+    keypair: KeyPair
+    server_key: bytes
+
+
+BindAuth = ServerAuth | Insecure
+ConnectAuth = ClientAuth | Insecure
+
+
 def new_context() -> zmq.Context:
     return zmq.Context()
 
 
-def bind_pull(ctx: zmq.Context, endpoint: str, *, max_frame_bytes: int | None,
+def close_context(ctx: zmq.Context) -> None:
+    """Stop the context's ZAP handler (if a secure socket started one), then terminate it. All other
+    sockets must be closed first, as for ``Context.term``."""
+    with _ZAP_LOCK:
+        handler = _ZAP.pop(ctx, None)
+    if handler is not None:
+        handler[0].stop()
+    ctx.term()
+
+
+def allow_keys(sock: zmq.Socket, keys: Iterable[bytes]) -> None:
+    """Replace the keys a secure binding socket accepts; connections made later are checked
+    against the new list (existing ones stay up until they drop)."""
+    domain = sock.getsockopt(zmq.ZAP_DOMAIN).decode()
+    with _ZAP_LOCK:
+        handler = _ZAP.get(sock.context)
+        if handler is None or domain not in handler[1].allowed:
+            raise TransportError("allow_keys: socket was not bound with ServerAuth")
+        handler[1].allowed[domain] = frozenset(keys)
+
+
+def peer_key(frame: zmq.Frame) -> str | None:
+    """The Z85 public key the sender authenticated with (the ZAP User-Id), or None on an
+    insecure socket."""
+    try:
+        user = frame.get("User-Id")
+    except zmq.ZMQError:
+        return None
+    return user or None
+
+
+def bind_pull(ctx: zmq.Context, endpoint: str, *, auth: BindAuth, max_frame_bytes: int | None,
               hwm: int = DEFAULT_HWM) -> zmq.Socket:
     """Data in: an agent's --listen socket."""
-    sock = _common(ctx.socket(zmq.PULL), hwm)
+    sock = _server(_common(ctx.socket(zmq.PULL), hwm), auth)
     _max_frame(sock, max_frame_bytes)
     return _bind(sock, endpoint)
 
 
-def connect_push(ctx: zmq.Context, endpoint: str, *, hwm: int = DEFAULT_HWM) -> zmq.Socket:
+def connect_push(ctx: zmq.Context, endpoint: str, *, auth: ConnectAuth, hwm: int = DEFAULT_HWM) -> zmq.Socket:
     """Data out to the next stage's --listen (or a client's to the entry). Blocks at the HWM."""
-    sock = _common(ctx.socket(zmq.PUSH), hwm)
+    sock = _client(_common(ctx.socket(zmq.PUSH), hwm), auth)
     sock.setsockopt(zmq.IMMEDIATE, 1)
     _max_frame(sock, CONTROL_MAX_BYTES)  # a PUSH receives nothing
     return _connect(sock, endpoint)
 
 
-def bind_router(ctx: zmq.Context, endpoint: str, *, hwm: int = DEFAULT_HWM) -> zmq.Socket:
+def bind_router(ctx: zmq.Context, endpoint: str, *, auth: BindAuth, hwm: int = DEFAULT_HWM) -> zmq.Socket:
     """Results out at the last stage. ROUTER_MANDATORY turns "no such client" and "client's queue is
     full" into errors (EHOSTUNREACH / EAGAIN) instead of silent drops; ROUTER_HANDOVER lets a client
     that reconnects under the same id take over its route."""
-    sock = _common(ctx.socket(zmq.ROUTER), hwm)
+    sock = _server(_common(ctx.socket(zmq.ROUTER), hwm), auth)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
     _max_frame(sock, CONTROL_MAX_BYTES)
     return _bind(sock, endpoint)
 
 
-def connect_dealer(ctx: zmq.Context, endpoint: str, *, routing_id: bytes, hwm: int = DEFAULT_HWM,
-                   max_frame_bytes: int | None = None) -> zmq.Socket:
+def connect_dealer(ctx: zmq.Context, endpoint: str, *, auth: ConnectAuth, routing_id: bytes,
+                   hwm: int = DEFAULT_HWM, max_frame_bytes: int | None = None) -> zmq.Socket:
     """A client's result socket, connected to the last stage's --results ROUTER."""
-    sock = _common(ctx.socket(zmq.DEALER), hwm)
+    sock = _client(_common(ctx.socket(zmq.DEALER), hwm), auth)
     sock.setsockopt(zmq.ROUTING_ID, routing_id)
     _max_frame(sock, max_frame_bytes)
     return _connect(sock, endpoint)
 
 
-def bind_control(ctx: zmq.Context, endpoint: str, *, max_frame_bytes: int) -> zmq.Socket:
+def bind_control(ctx: zmq.Context, endpoint: str, *, auth: BindAuth, max_frame_bytes: int) -> zmq.Socket:
     """A device's control endpoint (``edgepipe-agent control``): requests in, replies out. Replies go
     to whoever asked; one that has gone away is dropped rather than blocking the daemon."""
-    sock = _common(ctx.socket(zmq.ROUTER), DEFAULT_HWM)
+    sock = _server(_common(ctx.socket(zmq.ROUTER), DEFAULT_HWM), auth)
     sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
     _max_frame(sock, max_frame_bytes)
     return _bind(sock, endpoint)
 
 
-def connect_control(ctx: zmq.Context, endpoint: str, *, max_frame_bytes: int | None = None) -> zmq.Socket:
+def connect_control(ctx: zmq.Context, endpoint: str, *, auth: ConnectAuth,
+                    max_frame_bytes: int | None = None) -> zmq.Socket:
     """The asking side of the control protocol (workstation, or a device probing a peer)."""
-    sock = _common(ctx.socket(zmq.DEALER), DEFAULT_HWM)
+    sock = _client(_common(ctx.socket(zmq.DEALER), DEFAULT_HWM), auth)
     sock.setsockopt(zmq.LINGER, 0)  # an unanswered request to a dead device must not hold up exit
     _max_frame(sock, max_frame_bytes)
     return _connect(sock, endpoint)
@@ -117,6 +192,56 @@ def _common(sock: zmq.Socket, hwm: int) -> zmq.Socket:
     sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
     sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
+    return sock
+
+
+class _KeyLists:
+    """The ZAP credentials provider of one context: the allowed keys of each secure socket, by the
+    socket's ZAP domain. Called on the authenticator's thread; entries are replaced, never mutated."""
+
+    def __init__(self) -> None:
+        self.allowed: dict[str, frozenset[bytes]] = {}
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return key in self.allowed.get(domain, frozenset())
+
+
+_ZAP: dict[zmq.Context, tuple[ThreadAuthenticator, _KeyLists]] = {}
+_ZAP_LOCK = threading.Lock()
+_DOMAINS = itertools.count()
+
+
+def _server(sock: zmq.Socket, auth: BindAuth) -> zmq.Socket:
+    if isinstance(auth, Insecure):
+        return sock
+    if not isinstance(auth, ServerAuth):
+        sock.close(0)
+        raise TypeError(f"a binding socket needs ServerAuth or INSECURE, got {type(auth).__name__}")
+    domain = f"edgepipe-{next(_DOMAINS)}"
+    with _ZAP_LOCK:
+        handler = _ZAP.get(sock.context)
+        if handler is None:
+            authenticator = ThreadAuthenticator(sock.context)
+            authenticator.start()
+            handler = _ZAP[sock.context] = (authenticator, _KeyLists())
+        handler[1].allowed[domain] = frozenset(auth.allowed)
+    handler[0].configure_curve_callback(domain, credentials_provider=handler[1])
+    sock.zap_domain = domain.encode()
+    sock.curve_secretkey = auth.keypair.secret
+    sock.curve_publickey = auth.keypair.public
+    sock.curve_server = True
+    return sock
+
+
+def _client(sock: zmq.Socket, auth: ConnectAuth) -> zmq.Socket:
+    if isinstance(auth, Insecure):
+        return sock
+    if not isinstance(auth, ClientAuth):
+        sock.close(0)
+        raise TypeError(f"a connecting socket needs ClientAuth or INSECURE, got {type(auth).__name__}")
+    sock.curve_secretkey = auth.keypair.secret
+    sock.curve_publickey = auth.keypair.public
+    sock.curve_serverkey = auth.server_key
     return sock
 
 

@@ -218,7 +218,7 @@ def compile_model(
 
 def stage_rows(bundle_dirs: list[Path], plan: Any = None) -> list[dict[str, Any]]:
     """One summary row per stage; with a plan, the device each bundle is meant for."""
-    from edgepipe.agent.bundle import read_manifest
+    from edgepipe.agent.formats.bundle import read_manifest
 
     rows = []
     for k, bundle_dir in enumerate(bundle_dirs):

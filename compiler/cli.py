@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from edgepipe.agent.bundle import BundleError
+from edgepipe.agent.formats.bundle import BundleError
 from edgepipe.compiler.build import (
     CompileError,
     CompileResult,

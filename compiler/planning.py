@@ -12,7 +12,7 @@ import dataclasses
 import statistics
 from pathlib import Path
 
-from edgepipe.agent.profiles import DeviceProfile, ProfileError, check_profile_matches, load_profile
+from edgepipe.agent.formats.profiles import DeviceProfile, ProfileError, check_profile_matches, load_profile
 from edgepipe.planner.cluster import Cluster
 from edgepipe.planner.problem import ModelSpec
 

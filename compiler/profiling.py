@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
-from edgepipe.agent.profiles import ProfileBundle, save_profile_bundle
+from edgepipe.agent.formats.profiles import ProfileBundle, save_profile_bundle
 from edgepipe.compiler.cuts import Cut, stage_boundaries
 from edgepipe.compiler.slicing import ModelIdentity, extract_stage, write_stage
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import onnx_ir as ir
-from edgepipe.agent.bundle import (
+from edgepipe.agent.formats.bundle import (
     DATA_NAME,
     GRAPH_NAME,
     StageManifest,

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from edgepipe.agent.bundle import GRAPH_NAME, read_manifest
-from edgepipe.agent.profiler import random_feeds
+from edgepipe.agent.device.profiler import random_feeds
+from edgepipe.agent.formats.bundle import GRAPH_NAME, read_manifest
 
 DEFAULT_TOLERANCE = 1e-4
 

@@ -59,7 +59,7 @@ def type_toml(name: str, gflops: float) -> str:
 
 def calibrate(model: str, microbatch: int) -> float:
     """GFLOPS one core sustains on this model: the whole model timed with one ORT thread."""
-    from edgepipe.agent.profiler import random_feeds, time_runs
+    from edgepipe.agent.device.profiler import random_feeds, time_runs
     from edgepipe.compiler.build import candidate_cuts, load_model, spec_for
     from edgepipe.compiler.verify import cpu_session
 
@@ -72,7 +72,7 @@ def calibrate(model: str, microbatch: int) -> float:
 
 
 def _spec(node: Any) -> Any:
-    from edgepipe.agent.bundle import TensorSpec
+    from edgepipe.agent.formats.bundle import TensorSpec
 
     return TensorSpec(node.name, "float32", tuple(d if isinstance(d, int) else "batch" for d in node.shape))
 

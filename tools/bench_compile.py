@@ -70,7 +70,7 @@ def main(
         name, n, out = child.split("|")
         print(json.dumps(slice_once(name, int(n), out)))
         return
-    from edgepipe.agent.profiler import host_facts
+    from edgepipe.agent.device.profiler import host_facts
     from edgepipe.compiler.export import export_model
     from edgepipe.models.registry import get_model
 

@@ -51,7 +51,7 @@ def main(
     """Run a model too big for any one device across several memory-capped emulated devices."""
     import emulate
     from bench_cluster import calibrate
-    from edgepipe.agent.bundle import read_manifest
+    from edgepipe.agent.formats.bundle import read_manifest
     from edgepipe.compiler.build import candidate_cuts, compile_model, load_model, spec_for
     from edgepipe.compiler.verify import cpu_session
     from edgepipe.planner.cluster import cluster_from_dict, problem_for

@@ -35,7 +35,7 @@ import numpy as np
 import typer
 import zmq
 from edgepipe.agent.client import Client
-from edgepipe.agent.local import LocalPipeline, stop_processes
+from edgepipe.agent.workstation.local import LocalPipeline, stop_processes
 from rich.console import Console
 from rich.table import Table
 
@@ -64,7 +64,7 @@ def machine() -> dict[str, Any]:
 def identity_bundles(root: Path, stages: int, shape: tuple[int, ...]) -> list[Path]:
     """``stages`` bundles computing y = x + 0 on float32 [batch, *shape] (dev-machine helper: uses onnx)."""
     import onnx
-    from edgepipe.agent.bundle import (
+    from edgepipe.agent.formats.bundle import (
         DATA_NAME,
         GRAPH_NAME,
         StageManifest,
@@ -242,7 +242,7 @@ def bench_hops(hops: int, count: int, blocks: int = 4, warmup: int = 20) -> list
 
 def whole_worker(model: str, batch: int, count: int, warmup: int, cpu: int | None) -> None:
     """Runs in a child process: load the whole model single-threaded, wait for "go" on stdin, run."""
-    from edgepipe.agent.session import session_options
+    from edgepipe.agent.device.session import session_options
 
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})

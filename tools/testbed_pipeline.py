@@ -20,8 +20,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from edgepipe.agent.bundle import read_manifest
 from edgepipe.agent.client import Client
+from edgepipe.agent.formats.bundle import read_manifest
 from testbed import Testbed
 
 DATA_PORT, RESULTS_PORT = 5550, 5551

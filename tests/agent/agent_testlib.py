@@ -17,7 +17,7 @@ from pathlib import Path
 import msgpack
 import numpy as np
 import onnx
-from edgepipe.agent.bundle import (
+from edgepipe.agent.formats.bundle import (
     DATA_NAME,
     GRAPH_NAME,
     StageManifest,
@@ -25,7 +25,7 @@ from edgepipe.agent.bundle import (
     file_entries,
     write_manifest,
 )
-from edgepipe.agent.protocol import Header, Limits, data_header, decode, encode
+from edgepipe.agent.formats.wire import Header, Limits, data_header, decode, encode
 from onnx import TensorProto, helper, numpy_helper
 
 F = 16

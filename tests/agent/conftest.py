@@ -12,8 +12,8 @@ import zmq
 sys.path.insert(0, str(Path(__file__).parent))  # agent_testlib, whatever pytest's import mode
 
 from agent_testlib import build_toy
-from edgepipe.agent.local import LocalPipeline
-from edgepipe.agent.transport import connect_dealer, connect_push
+from edgepipe.agent.transport import INSECURE, connect_dealer, connect_push
+from edgepipe.agent.workstation.local import LocalPipeline
 
 
 @pytest.fixture(scope="session")
@@ -39,8 +39,8 @@ def raw_exchange(toy_pipeline: LocalPipeline) -> Iterator[Callable[..., list[zmq
     socks: list[zmq.Socket] = []
 
     def send(frames: list, client_id: str, timeout_s: float = 10.0) -> list[zmq.Frame] | None:
-        dealer = connect_dealer(ctx, toy_pipeline.exit, routing_id=client_id.encode())
-        push = connect_push(ctx, toy_pipeline.entry)
+        dealer = connect_dealer(ctx, toy_pipeline.exit, auth=INSECURE, routing_id=client_id.encode())
+        push = connect_push(ctx, toy_pipeline.entry, auth=INSECURE)
         socks.extend([dealer, push])
         push.send_multipart(frames, copy=False)
         if not dealer.poll(int(timeout_s * 1000)):

@@ -22,9 +22,9 @@ from agent_testlib import (
     wait_for,
 )
 from edgepipe.agent.client import RemoteError, RequestTimeout
-from edgepipe.agent.local import LocalPipeline
-from edgepipe.agent.protocol import PROTOCOL_VERSION
-from edgepipe.agent.transport import connect_dealer, connect_push
+from edgepipe.agent.formats.wire import PROTOCOL_VERSION
+from edgepipe.agent.transport import INSECURE, connect_dealer, connect_push
+from edgepipe.agent.workstation.local import LocalPipeline
 
 
 def _header(client: str, **overrides: object) -> dict:
@@ -129,7 +129,7 @@ def test_frame_above_maxmsgsize_is_cut_off_and_the_agent_keeps_serving(toy_pipel
 
 def test_result_for_an_absent_client_is_held_then_dropped_with_a_log(toy_pipeline: LocalPipeline) -> None:
     ctx = zmq.Context()
-    push = connect_push(ctx, toy_pipeline.entry)
+    push = connect_push(ctx, toy_pipeline.entry, auth=INSECURE)
     try:
         push.send_multipart(toy_frames("ghost", 3, X2), copy=False)
         assert wait_for(lambda: "undeliverable ghost/3" in toy_pipeline.log_text(2))
@@ -142,11 +142,11 @@ def test_result_for_an_absent_client_is_held_then_dropped_with_a_log(toy_pipelin
 
 def test_result_is_held_for_a_client_that_connects_late(toy_pipeline: LocalPipeline) -> None:
     ctx = zmq.Context()
-    push = connect_push(ctx, toy_pipeline.entry)
+    push = connect_push(ctx, toy_pipeline.entry, auth=INSECURE)
     try:
         push.send_multipart(toy_frames("latecomer", 11, X2), copy=False)
         time.sleep(0.3)  # the result reaches the exit before the client's results socket exists
-        dealer = connect_dealer(ctx, toy_pipeline.exit, routing_id=b"latecomer")
+        dealer = connect_dealer(ctx, toy_pipeline.exit, auth=INSECURE, routing_id=b"latecomer")
         assert dealer.poll(5000), "held result never delivered"
         header, (out, _label) = decode_reply(dealer.recv_multipart(copy=False))
         assert (header.client, header.seq) == ("latecomer", 11)

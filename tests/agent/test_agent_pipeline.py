@@ -20,9 +20,9 @@ from agent_testlib import (
     toy_reference,
 )
 from edgepipe.agent.client import Client, ClientError, RequestTimeout, Result
-from edgepipe.agent.local import LocalPipeline
-from edgepipe.agent.protocol import Limits, data_header, decode, encode
-from edgepipe.agent.transport import bind_pull, bind_router, bound_endpoint, connect_push
+from edgepipe.agent.formats.wire import Limits, data_header, decode, encode
+from edgepipe.agent.transport import INSECURE, bind_pull, bind_router, bound_endpoint, connect_push
+from edgepipe.agent.workstation.local import LocalPipeline
 
 
 def _assert_matches(outputs: dict[str, np.ndarray], x: np.ndarray) -> None:
@@ -97,8 +97,8 @@ def test_client_resends_after_timeout_and_drops_the_late_duplicate() -> None:
     attempt, answers the resend, then answers the first attempt late: the client returns one result,
     both attempts carry the same request id, and the late duplicate is dropped."""
     ctx = zmq.Context()
-    entry = bind_pull(ctx, "tcp://127.0.0.1:0", max_frame_bytes=None)
-    exit_ = bind_router(ctx, "tcp://127.0.0.1:0")
+    entry = bind_pull(ctx, "tcp://127.0.0.1:0", auth=INSECURE, max_frame_bytes=None)
+    exit_ = bind_router(ctx, "tcp://127.0.0.1:0", auth=INSECURE)
     seen: list[tuple[str, int]] = []
 
     def play() -> None:
@@ -131,8 +131,8 @@ def test_client_resends_after_timeout_and_drops_the_late_duplicate() -> None:
 
 def test_request_without_any_answer_times_out_after_retries() -> None:
     ctx = zmq.Context()
-    entry = bind_pull(ctx, "tcp://127.0.0.1:0", max_frame_bytes=None)
-    exit_ = bind_router(ctx, "tcp://127.0.0.1:0")
+    entry = bind_pull(ctx, "tcp://127.0.0.1:0", auth=INSECURE, max_frame_bytes=None)
+    exit_ = bind_router(ctx, "tcp://127.0.0.1:0", auth=INSECURE)
     try:
         with Client(bound_endpoint(entry), bound_endpoint(exit_), timeout_s=0.2, retries=1) as client:
             seq = client.submit(toy_input(1, 0))
@@ -168,7 +168,7 @@ def test_slow_stage_applies_back_pressure_without_buffering(tmp_path: Path) -> N
     with LocalPipeline(dirs, max_batch=2, log_dir=tmp_path / "logs") as pipe:
         last = pipe.agents[-1].process
         ctx = zmq.Context()
-        push = connect_push(ctx, pipe.entry, hwm=2)
+        push = connect_push(ctx, pipe.entry, auth=INSECURE, hwm=2)
         dealer = ctx.socket(zmq.DEALER)
         dealer.setsockopt(zmq.ROUTING_ID, b"bp")
         dealer.connect(pipe.exit)

@@ -6,8 +6,8 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
-from edgepipe.agent.bundle import SUPPORTED_DTYPES, TensorSpec
-from edgepipe.agent.protocol import (
+from edgepipe.agent.formats.bundle import SUPPORTED_DTYPES, TensorSpec
+from edgepipe.agent.formats.wire import (
     MAX_ERROR_CHARS,
     PROTOCOL_VERSION,
     Header,

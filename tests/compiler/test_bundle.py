@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from edgepipe.agent.bundle import DATA_NAME, GRAPH_NAME, MANIFEST_NAME, BundleError, load_bundle
+from edgepipe.agent.formats.bundle import DATA_NAME, GRAPH_NAME, MANIFEST_NAME, BundleError, load_bundle
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from edgepipe.agent.bundle import load_bundle
+from edgepipe.agent.formats.bundle import load_bundle
 
 TINY = "vit_tiny_patch16_224"
 CLI = [sys.executable, "-m", "edgepipe.compiler.cli"]
@@ -83,7 +83,7 @@ def test_any_onnx_file_goes_through_the_same_path(tmp_path: Path, vit_tiny_build
 
 def test_local_checkpoint_is_loaded(tmp_path: Path, vit_tiny_build) -> None:
     import torch
-    from edgepipe.agent.profiler import random_feeds
+    from edgepipe.agent.device.profiler import random_feeds
     from edgepipe.compiler.verify import run_chain
     from edgepipe.models.registry import build_module, get_model
 
@@ -142,7 +142,7 @@ def test_bad_cluster_file_is_one_line(tmp_path: Path, vit_tiny_build) -> None:
 
 
 def test_profile_bundle_shares_pieces_between_identical_blocks(tmp_path: Path, vit_tiny_build) -> None:
-    from edgepipe.agent.profiles import load_profile_bundle
+    from edgepipe.agent.formats.profiles import load_profile_bundle
 
     out = json.loads(run_cli(TINY, "--profile-bundle", str(tmp_path / "pb"), "--json").stdout)
     bundle = load_profile_bundle(tmp_path / "pb")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from edgepipe.agent.profiles import load_profile, load_profile_bundle
+from edgepipe.agent.formats.profiles import load_profile, load_profile_bundle
 from profiling_testlib import cli
 
 

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from edgepipe.agent.profiles import load_profile, load_profile_bundle, save_profile
+from edgepipe.agent.formats.profiles import load_profile, load_profile_bundle, save_profile
 from edgepipe.compiler.planning import load_device_profiles
 from edgepipe.compiler.remote_profile import DeviceOutcome, load_links, probe_links, profile_cluster
 from edgepipe.planner.cluster import load_cluster

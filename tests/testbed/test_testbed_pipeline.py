@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-from edgepipe.agent.bundle import read_manifest
 from edgepipe.agent.client import Client
+from edgepipe.agent.formats.bundle import read_manifest
 from testbed_helpers import cluster_toml, leftovers, needs_host, testbed
 
 pytestmark = [pytest.mark.root, needs_host]

@@ -28,9 +28,11 @@ from typing import Any, Literal
 
 import numpy as np
 import zmq
-from edgepipe.agent.protocol import Limits, ProtocolError, StageRecord, data_header, decode, encode
+from edgepipe.agent.formats.wire import Limits, ProtocolError, StageRecord, data_header, decode, encode
 from edgepipe.agent.transport import (
+    INSECURE,
     TransportError,
+    close_context,
     connect_dealer,
     connect_push,
     new_context,
@@ -109,15 +111,15 @@ class Client:
         self._ctx = context or new_context()
         try:
             # Results socket first, so the exit knows our routing id before our first result exists.
-            self._results = connect_dealer(self._ctx, exit, routing_id=routing_id, hwm=max(2, window))
+            self._results = connect_dealer(self._ctx, exit, auth=INSECURE, routing_id=routing_id, hwm=max(2, window))
             try:
-                self._requests = connect_push(self._ctx, entry, hwm=max(2, window))
+                self._requests = connect_push(self._ctx, entry, auth=INSECURE, hwm=max(2, window))
             except TransportError:
                 self._results.close(linger=0)
                 raise
         except TransportError as exc:
             if self._own_context:
-                self._ctx.term()
+                close_context(self._ctx)
             raise ClientError(str(exc)) from None
         self._poller = zmq.Poller()  # waiting for results
         self._poller.register(self._results, zmq.POLLIN)
@@ -136,7 +138,7 @@ class Client:
         for sock in (self._requests, self._results):
             sock.close(linger=0)
         if self._own_context:
-            self._ctx.term()
+            close_context(self._ctx)
 
     def __enter__(self) -> Client:
         return self

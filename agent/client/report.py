@@ -3,7 +3,7 @@
 The plan is read with ``json`` (agent/ does not import the planner, which devices do not install):
 only ``microbatch``, ``throughput``, ``latency_s``, ``bottleneck`` and ``stages[].device``,
 ``compute_s``, ``send_s`` of format "edgepipe.plan". The measurements come from the stage records
-every result carries (agent/protocol.py StageRecord; times on one stage's clock, so only
+every result carries (agent/formats/wire.py StageRecord; times on one stage's clock, so only
 differences within one record are used):
 
 - compute: ``compute_end - compute_start`` (ONNX Runtime);
@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgepipe.agent.protocol import StageRecord
+from edgepipe.agent.formats.wire import StageRecord
 
 PLAN_FORMAT = "edgepipe.plan"
 

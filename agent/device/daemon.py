@@ -11,9 +11,8 @@ answers one request at a time (protocol in docs/formats/wire.md, "Control protoc
   with bandwidth (one direction) and latency;
 - ``echo``: a tiny acknowledgement, whatever the size of the request.
 
-A bad or failing request gets an error reply; nothing a client sends stops the daemon.
-The asking side is here too (``control_request``, ``request_status``, ``request_profile``,
-``request_probe``), so the workstation and probing devices speak through the same code.
+A bad or failing request gets an error reply; nothing a client sends stops the daemon. The
+messages are defined in formats/control.py; the workstation's side is workstation/requests.py.
 """
 
 from __future__ import annotations
@@ -36,35 +35,39 @@ from typing import Any
 import msgpack
 import onnxruntime as ort
 import zmq
-from edgepipe.agent.bundle import BundleError, load_bundle
-from edgepipe.agent.profiler import host_facts, profile_bundle
-from edgepipe.agent.profiles import (
-    DeviceProfile,
+from edgepipe.agent.device.profiler import host_facts, profile_bundle
+from edgepipe.agent.device.session import SessionError
+from edgepipe.agent.formats.bundle import BundleError, load_bundle
+from edgepipe.agent.formats.control import (
+    COMMANDS,
+    CONTROL_VERSION,
+    DEFAULT_MAX_REQUEST_BYTES,
+    MAX_FILES,
+    MAX_MICROBATCH,
+    MAX_PROBE_BYTES,
+    MAX_PROBE_COUNT,
+    MAX_PROBE_SECONDS,
+    MAX_REPEATS,
+    TINY_BYTES,
+    BadRequest,
+    parse_request,
+)
+from edgepipe.agent.formats.profiles import (
     ProfileError,
     load_profile_bundle,
-    profile_from_dict,
     profile_to_dict,
 )
-from edgepipe.agent.session import SessionError
-from edgepipe.agent.transport import bind_control, bound_endpoint, connect_control, new_context, recv_frames
+from edgepipe.agent.transport import (
+    INSECURE,
+    bind_control,
+    bound_endpoint,
+    close_context,
+    connect_control,
+    new_context,
+    recv_frames,
+)
 
-CONTROL_VERSION = 1
-COMMANDS = ("status", "profile", "probe", "echo")
-DEFAULT_MAX_REQUEST_BYTES = 512 * 2**20  # a ViT-Large profiling bundle is ~300 MiB
-MAX_HEADER_BYTES = 256 * 1024
-MAX_FILES = 256
-MAX_MICROBATCH = 1024
-MAX_REPEATS = 1000
-MAX_PROBE_BYTES = 64 * 2**20
-MAX_PROBE_COUNT = 100
-MAX_PROBE_SECONDS = 30.0
-TINY_BYTES = 64  # latency is timed with round trips this small
-
-log = logging.getLogger("edgepipe.agent.control")
-
-
-class ControlError(RuntimeError):
-    """A control request failed: the device said why, or did not answer in time."""
+log = logging.getLogger("edgepipe.agent.device.daemon")
 
 
 @dataclass(frozen=True)
@@ -75,10 +78,6 @@ class ControlConfig:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     ready_file: Path | None = None
     commands: tuple[str, ...] = COMMANDS  # a serving agent offers no "profile": it would steal its CPU
-
-
-class _BadRequest(ValueError):
-    """The request is malformed or not allowed; its message goes back in the error reply."""
 
 
 # -- the daemon -------------------------------------------------------------------------------------
@@ -102,9 +101,9 @@ def start_control_thread(config: ControlConfig, stop: threading.Event) -> thread
 def _open(config: ControlConfig, on_ready: Callable[[str], None] | None) -> tuple[zmq.Context, zmq.Socket]:
     ctx = new_context()
     try:
-        sock = bind_control(ctx, config.listen, max_frame_bytes=config.max_request_bytes)
+        sock = bind_control(ctx, config.listen, auth=INSECURE, max_frame_bytes=config.max_request_bytes)
     except BaseException:
-        ctx.term()
+        close_context(ctx)
         raise
     endpoint = bound_endpoint(sock)
     if config.ready_file is not None:
@@ -135,18 +134,18 @@ def _answer(config: ControlConfig, ctx: zmq.Context, sock: zmq.Socket, stop: thr
                 log.warning("reply dropped: %s", exc)
     finally:
         sock.close()
-        ctx.term()
+        close_context(ctx)
 
 
 def handle(config: ControlConfig, ctx: zmq.Context, frames: Sequence[Any]) -> list[bytes]:
     """One request in, one reply out; every failure becomes an error reply."""
     request_id = None
     try:
-        header, raw = _parse(frames)
+        header, raw = parse_request(frames)
         request_id = header.get("id")
         command = header["cmd"]
         if command not in config.commands:
-            raise _BadRequest(f"command {command!r} is not offered here (offered: {', '.join(config.commands)})")
+            raise BadRequest(f"command {command!r} is not offered here (offered: {', '.join(config.commands)})")
         if command == "status":
             body = status_facts(config)
         elif command == "echo":
@@ -156,7 +155,7 @@ def handle(config: ControlConfig, ctx: zmq.Context, frames: Sequence[Any]) -> li
         else:
             body = _probe(ctx, header)
         reply = {"v": CONTROL_VERSION, "ok": True, "id": request_id, **body}
-    except _BadRequest as exc:
+    except BadRequest as exc:
         reply = {"v": CONTROL_VERSION, "ok": False, "id": request_id, "error": str(exc)[:2000]}
     except Exception as exc:  # a failing request never takes the daemon down
         log.exception("control request failed")
@@ -181,50 +180,27 @@ def status_facts(config: ControlConfig) -> dict[str, Any]:
     }
 
 
-def _parse(frames: Sequence[Any]) -> tuple[dict[str, Any], list[bytes]]:
-    if not frames:
-        raise _BadRequest("empty request")
-    if len(frames) > MAX_FILES + 1:
-        raise _BadRequest(f"too many frames (at most {MAX_FILES + 1})")
-    head = frames[0].bytes if hasattr(frames[0], "bytes") else bytes(frames[0])
-    if len(head) > MAX_HEADER_BYTES:
-        raise _BadRequest(f"header of {len(head)} bytes is over the {MAX_HEADER_BYTES}-byte limit")
-    try:
-        header = msgpack.unpackb(head, raw=False)
-    except Exception as exc:  # msgpack raises several unrelated types
-        raise _BadRequest(f"header is not msgpack: {type(exc).__name__}") from None
-    if not isinstance(header, dict):
-        raise _BadRequest("header must be a msgpack map")
-    if header.get("v") != CONTROL_VERSION:
-        raise _BadRequest(f"control protocol version {header.get('v')!r} is not supported "
-                          f"(supports {CONTROL_VERSION})")
-    if header.get("cmd") not in COMMANDS:
-        raise _BadRequest(f"unknown command {header.get('cmd')!r} (known: {', '.join(COMMANDS)})")
-    raw = [f.bytes if hasattr(f, "bytes") else bytes(f) for f in frames[1:]]
-    return header, raw
-
-
 def _profile(config: ControlConfig, header: dict[str, Any], raw: list[bytes]) -> dict[str, Any]:
     total = sum(len(f) for f in raw)
     if total > config.max_request_bytes:
-        raise _BadRequest(f"request of {total} bytes is over this device's limit of "
+        raise BadRequest(f"request of {total} bytes is over this device's limit of "
                           f"{config.max_request_bytes} bytes (edgepipe-agent control --max-request-mb)")
     files = header.get("files")
     if not isinstance(files, list) or len(files) != len(raw):
-        raise _BadRequest(f"'files' must list one {{path, sha256}} per raw frame ({len(raw)} frames)")
+        raise BadRequest(f"'files' must list one {{path, sha256}} per raw frame ({len(raw)} frames)")
     microbatches = _int_list(header.get("microbatches", [1, 8]), "microbatches", MAX_MICROBATCH)
     repeats = _int_in(header.get("repeats", 10), "repeats", 1, MAX_REPEATS)
     warmup = _int_in(header.get("warmup", 2), "warmup", 0, MAX_REPEATS)
     threads = _int_in(header.get("threads", config.threads), "threads", 1, 256)
     device = header.get("device", config.device)
     if not isinstance(device, str) or not device:
-        raise _BadRequest("'device' must be a non-empty name")
+        raise BadRequest("'device' must be a non-empty name")
     with tempfile.TemporaryDirectory(prefix="edgepipe-profile-") as tmp:
         root = Path(tmp)
         for entry, data in zip(files, raw, strict=True):
             path = _safe_path(root, entry)
             if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
-                raise _BadRequest(f"{entry.get('path')}: sha256 does not match its content")
+                raise BadRequest(f"{entry.get('path')}: sha256 does not match its content")
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
         try:
@@ -232,12 +208,12 @@ def _profile(config: ControlConfig, header: dict[str, Any], raw: list[bytes]) ->
             for piece in range(bundle.piece_count):
                 load_bundle(bundle.piece_dir(root, piece))
         except (ProfileError, BundleError) as exc:
-            raise _BadRequest(f"profiling bundle refused: {str(exc).replace(str(root) + os.sep, '')}") from None
+            raise BadRequest(f"profiling bundle refused: {str(exc).replace(str(root) + os.sep, '')}") from None
         started = time.perf_counter()
         try:
             profile = profile_bundle(root, device, microbatches, threads, repeats, warmup)
         except (SessionError, BundleError, ProfileError) as exc:
-            raise _BadRequest(f"profiling failed: {exc}") from None
+            raise BadRequest(f"profiling failed: {exc}") from None
     log.info("profiled %d pieces for %r in %.1f s", bundle.piece_count, device, time.perf_counter() - started)
     return {"profile": profile_to_dict(profile)}
 
@@ -245,12 +221,12 @@ def _profile(config: ControlConfig, header: dict[str, Any], raw: list[bytes]) ->
 def _probe(ctx: zmq.Context, header: dict[str, Any]) -> dict[str, Any]:
     peer = header.get("peer")
     if not isinstance(peer, str) or not peer.startswith("tcp://"):
-        raise _BadRequest(f"'peer' must be a tcp:// control endpoint, got {peer!r}")
+        raise BadRequest(f"'peer' must be a tcp:// control endpoint, got {peer!r}")
     size = _int_in(header.get("bytes", 2**20), "bytes", 1, MAX_PROBE_BYTES)
     count = _int_in(header.get("count", 5), "count", 1, MAX_PROBE_COUNT)
     seconds = float(header.get("seconds", 5.0)) if isinstance(header.get("seconds", 5.0), (int, float)) else -1
     if not 0 < seconds <= MAX_PROBE_SECONDS:
-        raise _BadRequest(f"'seconds' must be in (0, {MAX_PROBE_SECONDS}]")
+        raise BadRequest(f"'seconds' must be in (0, {MAX_PROBE_SECONDS}]")
     return measure_link(ctx, peer, size, count, seconds)
 
 
@@ -259,7 +235,7 @@ def measure_link(ctx: zmq.Context, peer: str, size: int, count: int, seconds: fl
 
     Latency is half the median tiny round trip; bandwidth counts the bytes one way over the median
     large round trip minus the tiny one (the echo's reply is a few bytes)."""
-    sock = connect_control(ctx, peer)
+    sock = connect_control(ctx, peer, auth=INSECURE)
     try:
         deadline = time.monotonic() + seconds
         tiny = _echo_times(sock, TINY_BYTES, count, deadline, peer)
@@ -283,7 +259,7 @@ def _echo_times(sock: zmq.Socket, size: int, count: int, deadline: float, peer: 
         start = time.perf_counter()
         sock.send_multipart([b"", header, payload], copy=False)
         if not sock.poll(max(int(remaining * 1000), 1000), zmq.POLLIN):
-            raise _BadRequest(f"peer {peer} did not answer an echo in time")
+            raise BadRequest(f"peer {peer} did not answer an echo in time")
         sock.recv_multipart()
         if i or count == 1:  # the first round trip also sets up the connection
             times.append(time.perf_counter() - start)
@@ -292,22 +268,22 @@ def _echo_times(sock: zmq.Socket, size: int, count: int, deadline: float, peer: 
 
 def _safe_path(root: Path, entry: Any) -> Path:
     if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
-        raise _BadRequest("each 'files' entry must be a map with a 'path' and a 'sha256'")
+        raise BadRequest("each 'files' entry must be a map with a 'path' and a 'sha256'")
     rel = PurePosixPath(entry["path"])
     if rel.is_absolute() or ".." in rel.parts or not rel.parts:
-        raise _BadRequest(f"file path {entry['path']!r} must be relative and stay inside the bundle")
+        raise BadRequest(f"file path {entry['path']!r} must be relative and stay inside the bundle")
     return root.joinpath(*rel.parts)
 
 
 def _int_in(value: Any, name: str, lo: int, hi: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise _BadRequest(f"'{name}' must be an integer in {lo}..{hi}, got {value!r}")
+        raise BadRequest(f"'{name}' must be an integer in {lo}..{hi}, got {value!r}")
     return value
 
 
 def _int_list(value: Any, name: str, hi: int) -> tuple[int, ...]:
     if not isinstance(value, list) or not value:
-        raise _BadRequest(f"'{name}' must be a non-empty list of integers")
+        raise BadRequest(f"'{name}' must be a non-empty list of integers")
     return tuple(sorted({_int_in(v, name, 1, hi) for v in value}))
 
 
@@ -316,69 +292,3 @@ def _edgepipe_version() -> str:
         return version("edgepipe")
     except PackageNotFoundError:
         return "unknown"
-
-
-# -- the asking side ----------------------------------------------------------------------------------
-
-def control_request(endpoint: str, header: dict[str, Any], frames: Sequence[bytes] = (),
-                    timeout_s: float = 10.0) -> dict[str, Any]:
-    """Send one request and wait for its reply; raise ControlError on an error reply or timeout."""
-    ctx = new_context()
-    sock = connect_control(ctx, endpoint)
-    try:
-        request_id = os.urandom(4).hex()
-        sock.send_multipart([b"", msgpack.packb({"v": CONTROL_VERSION, "id": request_id, **header}),
-                             *frames], copy=False)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not sock.poll(int(remaining * 1000) + 1, zmq.POLLIN):
-                raise ControlError(f"{endpoint}: no answer to {header.get('cmd')!r} within {timeout_s:g} s")
-            parts = sock.recv_multipart()
-            try:
-                reply = msgpack.unpackb(parts[-1], raw=False)
-            except Exception:  # msgpack raises several unrelated types
-                raise ControlError(f"{endpoint}: reply is not msgpack") from None
-            if isinstance(reply, dict) and reply.get("id") == request_id:
-                break  # replies to earlier, timed-out requests on this socket are skipped
-    finally:
-        sock.close(0)
-        ctx.term()
-    if not reply.get("ok"):
-        raise ControlError(f"{endpoint}: {reply.get('error', 'error reply without a message')}")
-    return reply
-
-
-def request_status(endpoint: str, timeout_s: float = 5.0) -> dict[str, Any]:
-    return control_request(endpoint, {"cmd": "status"}, timeout_s=timeout_s)
-
-
-def bundle_files(root: Path) -> tuple[list[dict[str, str]], list[bytes]]:
-    """Every file under a profiling bundle: header entries (relative path, sha256) and contents."""
-    entries, frames = [], []
-    for path in sorted(p for p in Path(root).rglob("*") if p.is_file()):
-        data = path.read_bytes()
-        entries.append({"path": path.relative_to(root).as_posix(), "sha256": hashlib.sha256(data).hexdigest()})
-        frames.append(data)
-    return entries, frames
-
-
-def request_profile(endpoint: str, bundle_dir: Path, device: str, microbatches: Sequence[int] = (1, 8),
-                    threads: int = 1, repeats: int = 10, warmup: int = 2,
-                    timeout_s: float = 600.0) -> DeviceProfile:
-    """Have the device at ``endpoint`` profile the bundle at ``bundle_dir``; its DeviceProfile."""
-    entries, frames = bundle_files(bundle_dir)
-    header = {"cmd": "profile", "files": entries, "microbatches": sorted(set(microbatches)),
-              "threads": threads, "repeats": repeats, "warmup": warmup, "device": device}
-    reply = control_request(endpoint, header, frames, timeout_s=timeout_s)
-    try:
-        return profile_from_dict(reply.get("profile"), f"{endpoint} profile reply")
-    except ProfileError as exc:
-        raise ControlError(str(exc)) from None
-
-
-def request_probe(endpoint: str, peer: str, tensor_bytes: int, count: int = 5, seconds: float = 5.0,
-                  timeout_s: float = 30.0) -> dict[str, Any]:
-    """Have the device at ``endpoint`` measure its link to the control endpoint ``peer``."""
-    header = {"cmd": "probe", "peer": peer, "bytes": tensor_bytes, "count": count, "seconds": seconds}
-    return control_request(endpoint, header, timeout_s=timeout_s)

@@ -29,8 +29,9 @@ from typing import Any
 
 import numpy as np
 import zmq
-from edgepipe.agent.bundle import StageManifest, load_bundle
-from edgepipe.agent.protocol import (
+from edgepipe.agent.device.session import create_session, run_stage
+from edgepipe.agent.formats.bundle import StageManifest, load_bundle
+from edgepipe.agent.formats.wire import (
     MAX_HEADER_BYTES,
     Header,
     Limits,
@@ -42,11 +43,12 @@ from edgepipe.agent.protocol import (
     error_header,
     stage_limits,
 )
-from edgepipe.agent.session import create_session, run_stage
 from edgepipe.agent.transport import (
+    INSECURE,
     bind_pull,
     bind_router,
     bound_endpoint,
+    close_context,
     connect_push,
     new_context,
     recv_frames,
@@ -147,11 +149,11 @@ def serve(config: AgentConfig, stop: threading.Event, abort: threading.Event | N
     pull = out = None
     workers: list[threading.Thread] = []
     try:
-        pull = bind_pull(ctx, config.listen, max_frame_bytes=frame_limit(limits), hwm=config.hwm)
+        pull = bind_pull(ctx, config.listen, auth=INSECURE, max_frame_bytes=frame_limit(limits), hwm=config.hwm)
         if is_last:
-            out = bind_router(ctx, config.results, hwm=config.hwm)
+            out = bind_router(ctx, config.results, auth=INSECURE, hwm=config.hwm)
         else:
-            out = connect_push(ctx, config.next, hwm=config.hwm)
+            out = connect_push(ctx, config.next, auth=INSECURE, hwm=config.hwm)
         listen = bound_endpoint(pull)
         results = bound_endpoint(out) if is_last else None
         if config.ready_file:
@@ -189,7 +191,7 @@ def serve(config: AgentConfig, stop: threading.Event, abort: threading.Event | N
             for sock in (pull, out):
                 if sock is not None:
                     sock.close()
-            ctx.term()
+            close_context(ctx)
 
 
 def _write_ready(path: Path, manifest: StageManifest, listen: str, results: str | None) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import msgpack
 import numpy as np
-from edgepipe.agent.bundle import SUPPORTED_DTYPES, TensorSpec
+from edgepipe.agent.formats.bundle import SUPPORTED_DTYPES, TensorSpec
 
 PROTOCOL_VERSION = 1
 KINDS = ("data", "error")

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from edgepipe.agent.bundle import TensorSpec, load_bundle
-from edgepipe.agent.profiles import DeviceProfile, load_profile_bundle
-from edgepipe.agent.session import create_session
+from edgepipe.agent.device.session import create_session
+from edgepipe.agent.formats.bundle import TensorSpec, load_bundle
+from edgepipe.agent.formats.profiles import DeviceProfile, load_profile_bundle
 
 
 def random_feeds(specs: Sequence[TensorSpec], batch: int, seed: int = 0) -> dict[str, np.ndarray]:

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import typer
-from edgepipe.agent.bundle import BundleError, read_manifest
-from edgepipe.agent.client import Client, ClientError, Result
-from edgepipe.agent.report import ReportError, compare, print_prediction, read_prediction
+from edgepipe.agent.client.client import Client, ClientError, Result
+from edgepipe.agent.client.report import ReportError, compare, print_prediction, read_prediction
+from edgepipe.agent.formats.bundle import BundleError, read_manifest
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 

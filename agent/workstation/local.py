@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from edgepipe.agent.client import Client
+from edgepipe.agent.client.client import Client
 
 
 class LocalPipelineError(RuntimeError):

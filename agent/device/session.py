@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from edgepipe.agent.bundle import GRAPH_NAME, StageManifest, TensorSpec
+from edgepipe.agent.formats.bundle import GRAPH_NAME, StageManifest, TensorSpec
 
 # ONNX Runtime type strings -> the dtype names used in manifests and on the wire.
 ORT_DTYPES = {
