@@ -16,9 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgepipe.agent.control_client import request_probe, request_profile, request_status
 from edgepipe.agent.formats.control import ControlError
 from edgepipe.agent.formats.profiles import DeviceProfile, ProfileError, load_profile, load_profile_bundle, save_profile
-from edgepipe.agent.workstation.requests import request_probe, request_profile, request_status
 from edgepipe.compiler.planning import profile_path
 from edgepipe.planner.cluster import Cluster
 from edgepipe.planner.problem import Device, Link

@@ -28,7 +28,7 @@ from typing import Any
 
 import emulate
 import typer
-from edgepipe.agent.workstation.local import stop_processes
+from edgepipe.agent.local import stop_processes
 from rich.console import Console
 from rich.table import Table
 from testbed import ClusterSpec, DeviceSpec, Testbed, TestbedError

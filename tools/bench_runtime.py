@@ -35,7 +35,7 @@ import numpy as np
 import typer
 import zmq
 from edgepipe.agent.client import Client
-from edgepipe.agent.workstation.local import LocalPipeline, stop_processes
+from edgepipe.agent.local import LocalPipeline, stop_processes
 from rich.console import Console
 from rich.table import Table
 

@@ -24,7 +24,7 @@ import typer
 from edgepipe.agent.client import ClientError, Result
 from edgepipe.agent.device.session import session_options
 from edgepipe.agent.formats.bundle import read_manifest
-from edgepipe.agent.workstation.local import LocalPipeline, LocalPipelineError
+from edgepipe.agent.local import LocalPipeline, LocalPipelineError
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table

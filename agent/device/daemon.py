@@ -12,7 +12,7 @@ answers one request at a time (protocol in docs/formats/wire.md, "Control protoc
 - ``echo``: a tiny acknowledgement, whatever the size of the request.
 
 A bad or failing request gets an error reply; nothing a client sends stops the daemon. The
-messages are defined in formats/control.py; the workstation's side is workstation/requests.py.
+messages are defined in formats/control.py; the asking side is agent/control_client.py.
 """
 
 from __future__ import annotations

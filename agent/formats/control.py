@@ -1,6 +1,6 @@
 """The control protocol's messages: a device daemon's requests and replies (docs/formats/wire.md,
 "Control protocol"). One definition, shared by the daemon (device/daemon.py) and the asking side
-(workstation/requests.py, and devices probing their peers)."""
+(control_client.py: the workstation, clients, devices probing their peers)."""
 
 from __future__ import annotations
 

@@ -12,8 +12,8 @@ import zmq
 sys.path.insert(0, str(Path(__file__).parent))  # agent_testlib, whatever pytest's import mode
 
 from agent_testlib import build_toy
+from edgepipe.agent.local import LocalPipeline
 from edgepipe.agent.transport import INSECURE, connect_dealer, connect_push
-from edgepipe.agent.workstation.local import LocalPipeline
 
 
 @pytest.fixture(scope="session")

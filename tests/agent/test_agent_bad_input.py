@@ -23,8 +23,8 @@ from agent_testlib import (
 )
 from edgepipe.agent.client import RemoteError, RequestTimeout
 from edgepipe.agent.formats.wire import PROTOCOL_VERSION
+from edgepipe.agent.local import LocalPipeline
 from edgepipe.agent.transport import INSECURE, connect_dealer, connect_push
-from edgepipe.agent.workstation.local import LocalPipeline
 
 
 def _header(client: str, **overrides: object) -> dict:

@@ -26,7 +26,7 @@ from agent_testlib import (
     write_bundle,
 )
 from edgepipe.agent.formats.bundle import DATA_NAME, TensorSpec
-from edgepipe.agent.workstation.local import LocalPipeline, LocalPipelineError
+from edgepipe.agent.local import LocalPipeline, LocalPipelineError
 from onnx import helper
 
 AGENT = str(Path(sys.executable).parent / "edgepipe-agent")
@@ -116,7 +116,7 @@ def test_agents_exit_when_the_process_that_started_them_is_killed(toy_bundles: l
                                                                  tmp_path: Path) -> None:
     script = textwrap.dedent(f"""
         import json, sys, time
-        from edgepipe.agent.workstation.local import LocalPipeline
+        from edgepipe.agent.local import LocalPipeline
         pipe = LocalPipeline({[str(d) for d in toy_bundles]!r}, log_dir={str(tmp_path / "logs")!r}).start()
         print(json.dumps([a.process.pid for a in pipe.agents]), flush=True)
         time.sleep(600)
@@ -210,7 +210,7 @@ def test_agent_runs_with_torch_and_onnx_unimportable(toy_bundles: list[Path], tm
     assert probe.returncode != 0 and "torch is blocked" in probe.stderr  # the block works
     modules = subprocess.run(
         [sys.executable, "-c", "import sys, edgepipe.agent.cli, edgepipe.agent.client.submit, "
-         "edgepipe.agent.workstation.local; print(' '.join(sorted(sys.modules)))"],
+         "edgepipe.agent.local; print(' '.join(sorted(sys.modules)))"],
         env=env, capture_output=True, text=True, check=True)
     loaded = modules.stdout.split()
     heavy = [m for m in loaded if m.split(".")[0] in ("torch", "onnx", "onnx_ir", "onnxscript", "timm")

@@ -21,8 +21,8 @@ from agent_testlib import (
 )
 from edgepipe.agent.client import Client, ClientError, RequestTimeout, Result
 from edgepipe.agent.formats.wire import Limits, data_header, decode, encode
+from edgepipe.agent.local import LocalPipeline
 from edgepipe.agent.transport import INSECURE, bind_pull, bind_router, bound_endpoint, connect_push
-from edgepipe.agent.workstation.local import LocalPipeline
 
 
 def _assert_matches(outputs: dict[str, np.ndarray], x: np.ndarray) -> None:

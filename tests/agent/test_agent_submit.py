@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from agent_testlib import POISON, build_identity_chain, toy_input, toy_reference
-from edgepipe.agent.workstation.local import LocalPipeline
+from edgepipe.agent.local import LocalPipeline
 
 SUBMIT = str(Path(sys.executable).parent / "edgepipe-submit")
 

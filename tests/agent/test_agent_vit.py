@@ -9,7 +9,7 @@ import numpy as np
 import onnxruntime as ort
 from agent_testlib import blocked_imports_env
 from edgepipe.agent.formats.bundle import read_manifest
-from edgepipe.agent.workstation.local import LocalPipeline
+from edgepipe.agent.local import LocalPipeline
 
 TOLERANCE = 1e-4  # docs/operations.md: the split model must match the unsplit one to this
 

@@ -14,7 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # profiling_testlib, whatever pytest's import mode
 
-from edgepipe.agent.workstation.local import stop_processes
+from edgepipe.agent.local import stop_processes
 from profiling_testlib import BIN, TINY, cli, dead_endpoint, write_cluster
 
 

@@ -12,15 +12,15 @@ from pathlib import Path
 import msgpack
 import pytest
 import zmq
-from edgepipe.agent.formats.control import CONTROL_VERSION, ControlError
-from edgepipe.agent.formats.profiles import load_profile_bundle
-from edgepipe.agent.workstation.requests import (
+from edgepipe.agent.control_client import (
     bundle_files,
     control_request,
     request_probe,
     request_profile,
     request_status,
 )
+from edgepipe.agent.formats.control import CONTROL_VERSION, ControlError
+from edgepipe.agent.formats.profiles import load_profile_bundle
 from profiling_testlib import dead_endpoint
 
 
@@ -127,7 +127,7 @@ def test_unreachable_daemon_times_out_by_name() -> None:
 
 def test_serving_agent_answers_status_and_probes_but_not_profile(vit_tiny_build, daemons: dict[str, str],
                                                                  profile_bundle_dir: Path) -> None:
-    from edgepipe.agent.workstation.local import LocalPipeline
+    from edgepipe.agent.local import LocalPipeline
 
     control = dead_endpoint()
     with LocalPipeline([vit_tiny_build.bundle_dirs[0]], agent_args=["--control", control]) as pipe:

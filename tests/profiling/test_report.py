@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
-from edgepipe.agent.workstation.local import LocalPipeline
+from edgepipe.agent.local import LocalPipeline
 from profiling_testlib import cli
 
 

@@ -1,5 +1,6 @@
-"""The asking side of the control protocol: the workstation (or a test) sends one request to a
-device daemon and waits for its reply."""
+"""The asking side of the control protocol: one request to a device daemon, one reply. Used by the
+workstation (profiling, deploy), by clients looking for a deployment's current endpoints, and by
+devices probing their peers."""
 
 from __future__ import annotations
 
