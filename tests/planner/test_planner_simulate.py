@@ -44,7 +44,7 @@ def test_steady_state_answers_what_if(paper_problem) -> None:
     # the same plan on 5 Mbps links: every send is 200 times slower
     slow = replace(paper_problem, devices=tuple(replace(d, bandwidth_mbps=5.0) for d in paper_problem.devices))
     then = steady_state(slow, plan)
-    ref = evaluate(slow, plan.microbatch, [(s.device, s.first_segment, s.end_segment) for s in plan.stages])
+    ref = evaluate(slow, plan.microbatch, [(s.devices, s.first_segment, s.end_segment) for s in plan.stages])
     assert then.throughput == pytest.approx(plan.microbatch / ref.bottleneck_s, rel=1e-9)
     assert then.throughput < now.throughput
     # and re-planning for the slow links does better than keeping the old plan
