@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .tables import TOL, Op, PlainView, Tables, advance, plain_view
+from .tables import TOL, Op, PlainView, Tables, advance, plain_view, reach
 
 
 def _blocks(t: Tables, order: Sequence[int], repeats: int) -> tuple[tuple[int, int], ...]:
@@ -170,18 +170,18 @@ def relaxed_bound(t: Tables) -> float:
     segments or in any type's seconds, so each device covers at most 1/r of that; together they
     must cover the model, and every segment, the first and the last stage must fit somewhere."""
     n = t.n_segments
-    measures = np.unique(np.vstack([np.arange(n + 1, dtype=np.float64), t.prefix[:, 0, :]]), axis=0)
-    reach = [_Reach.of(t, c, v, measures) for c in range(len(t.classes)) for v in range(len(t.variants))]
+    measures = t.measures()
+    reaches = [_Reach.of(t, c, v, measures) for c in range(len(t.classes)) for v in range(len(t.variants))]
     groups = [(k.cls, k.replicas) for k in t.kinds]
     values = np.unique(np.concatenate([
-        *(r.comps / k for r in reach for c, k in groups if c == r.cls), t.client_in, t.client_out]))
+        *(r.comps / k for r in reaches for c, k in groups if c == r.cls), t.client_in, t.client_out]))
     totals = measures[:, -1]
 
     def feasible(bound: float) -> bool:
         covered = np.zeros(n, dtype=bool)
         capacity = np.zeros((len(t.classes), len(measures)))
         first_ok = last_ok = False
-        for r in reach:
+        for r in reaches:
             for c, k in groups:
                 if c != r.cls:
                     continue
@@ -220,15 +220,13 @@ class _Reach:
     def of(t: Tables, c: int, v: int, measures: np.ndarray) -> _Reach:
         n = t.n_segments
         masked = t.stage_compute[c, v]
-        ok = np.isfinite(masked)
-        ii, jj = np.nonzero(ok)
-        order = np.argsort(masked[ii, jj], kind="stable")
-        ii, jj = ii[order], jj[order]
-        spans = np.maximum.accumulate(measures[:, jj] - measures[:, ii], axis=1) if len(ii) else np.zeros(
-            (len(measures), 0))
+        sorted_stages = reach(t, c, v)
         down = np.minimum.accumulate(masked, axis=0)  # down[s, j] = least over starts i <= s
-        cover = np.array([down[s, s + 1:].min() for s in range(n)])
-        return _Reach(c, masked[ii, jj], spans, cover, float(masked[0].min()), float(masked[:, n].min()))
+        # cover[s] = least over j > s of down[s, j]: a running min from the right, read off the diagonal.
+        right = np.minimum.accumulate(down[:, ::-1], axis=1)[:, ::-1]
+        cover = right[np.arange(n), np.arange(n) + 1]
+        return _Reach(c, sorted_stages.comps, sorted_stages.spans, cover, float(masked[0].min()),
+                      float(masked[:, n].min()))
 
     def span(self, limit: float) -> np.ndarray:
         k = int(np.searchsorted(self.comps, limit, side="right"))

@@ -31,13 +31,24 @@ Values = tuple[np.ndarray, ...]  # one array (max, err, lat) or two (lex: error 
 
 @dataclass(frozen=True)
 class Layer:
-    """All partial plans using k devices: one row per multiset of classes used (``counts``);
-    values[.][row, g, y, j] = best value with segments [0, j) placed, the last stage on kind g
-    sending its output in codec y."""
+    """All partial plans using k devices: one row per multiset of classes used (``counts``). Per
+    kind g of the last stage, ``parts[g] = (rows, values)``: values[.][i, y, j] = best value of row
+    rows[i] with segments [0, j) placed, the last stage on kind g sending its output in codec y.
+    Kept per kind (only the rows a kind reached) because most (row, kind) pairs are empty."""
 
     codes: np.ndarray  # (m,) mixed-radix code of each row's multiset, sorted
     counts: np.ndarray  # (m, C)
-    values: Values  # each (m, G, X, S+1)
+    parts: dict[int, tuple[np.ndarray, Values]]  # kind -> (sorted rows, values each (rows, X, S+1))
+
+    def value(self, row: int, g: int) -> Values | None:
+        """The (X, S+1) values of one row for kind g, or None if the kind did not reach it."""
+        if g not in self.parts:
+            return None
+        rows, values = self.parts[g]
+        i = int(np.searchsorted(rows, row))
+        if i == len(rows) or rows[i] != row:
+            return None
+        return tuple(v[i] for v in values)
 
 
 @dataclass(frozen=True)
@@ -134,9 +145,8 @@ def run_lattice(
     """Run the programme layer by layer. Returns the layers (if kept, for tracing back) and every
     finished plan. ``incumbent`` is a value no better than which a plan is of interest; ``stop_at``
     (err mode) ends the run as soon as a plan with at most that many error units is found."""
-    n, g_count, x_count = t.n_segments, len(t.kinds), len(t.codecs)
+    n, g_count = t.n_segments, len(t.kinds)
     strides = _strides(t.counts)
-    kinds = [(k.cls, k.replicas) for k in t.kinds]
     senders = _sender_groups(t, view, mode)
     pending: dict[int, list] = {}
     for gb, kind in enumerate(t.kinds):
@@ -153,37 +163,37 @@ def run_lattice(
     cout = [_client(mode, view.client_out(g)) for g in range(g_count)]
     while pending:
         depth = min(pending)
-        layer = _merge(pending.pop(depth), strides, kinds, x_count, n, mode)
+        layer = _merge(pending.pop(depth), strides, t)
         if beam is not None and len(layer.codes) > beam:
             layer = _narrow(t, view, layer, beam)
         if not len(layer.codes):
             continue
         if keep_layers:
             layers[depth] = layer
-        for g in range(g_count):
-            done = _combine(mode, tuple(v[:, g, 0, n] for v in layer.values), tuple(np.array(c) for c in cout[g]))
-            for row in np.nonzero(np.isfinite(done[0]))[0]:
-                value = tuple(float(d[row]) for d in done)
-                finals.append(Final(value, depth, int(row), g))
-                if _better(mode, value, best):
+        for g, (rows, values) in layer.parts.items():
+            done = _combine(mode, tuple(v[:, 0, n] for v in values), tuple(np.array(c) for c in cout[g]))
+            for i in np.flatnonzero(np.isfinite(done[0])):
+                value = tuple(float(d[i]) for d in done)
+                finals.append(Final(value, depth, int(rows[i]), g))
+                if value < best:  # tuples compare lexicographically: the order of every mode
                     best = value
         if stop_at is not None and best[0] <= stop_at:
             break
-        live = _prune(t, view, mode, layer, best)
+        live = _Live(t, view, mode, layer, best)
+        if not live.alive.any():
+            continue
         for gb, kind in enumerate(t.kinds):
             b, r = kind.cls, kind.replicas
-            rows = np.nonzero((layer.counts[:, b] + r <= t.counts[b]) & live.alive)[0]
+            rows = np.flatnonzero((layer.counts[:, b] + r <= t.counts[b]) & live.alive)
             if not len(rows):
                 continue
             entries = {}
-            for x in range(x_count):
-                entry = None
-                for group, column in senders[gb][x]:
-                    low = live.lowest(group, x)
-                    cand = _combine(mode, tuple(v[rows] for v in low), column)
-                    entry = cand if entry is None else _minimum(mode, entry, cand)
-                if entry is not None and np.isfinite(entry[0]).any():
-                    entries[x] = entry
+            for x in range(len(t.codecs)):
+                entry = live.entry(senders[gb][x], x)
+                if entry is not None:
+                    entry = tuple(e[rows] for e in entry)
+                    if np.isfinite(entry[0]).any():
+                        entries[x] = entry
             out = _stage_values(t, view, mode, gb, entries)
             if out is None:
                 continue
@@ -192,10 +202,6 @@ def run_lattice(
                 pending.setdefault(depth + r, []).append(
                     (gb, layer.codes[rows[keep]], layer.counts[rows[keep]], tuple(v[keep] for v in out)))
     return layers, finals
-
-
-def _better(mode: str, a: tuple[float, ...], b: tuple[float, ...]) -> bool:
-    return a < b  # lexicographic on tuples: exactly the order of every mode
 
 
 def _stage_values(t: Tables, view: View, mode: str, gb: int, entries: dict[int, Values]) -> Values | None:
@@ -214,53 +220,84 @@ def _stage_values(t: Tables, view: View, mode: str, gb: int, entries: dict[int, 
                 if not len(lengths):
                     continue
                 new = _advance(mode, entry, _band(mode, view, gb, x, y, v), lengths, span)
-                merged = _minimum(mode, tuple(o[:, y] for o in out), new)
+                merged = _minimum(mode, tuple(o[:, y] for o in out), new) if reached else new
                 for o, m in zip(out, merged, strict=True):
                     o[:, y] = m
                 reached = True
     return out if reached else None
 
 
-@dataclass
 class _Live:
-    """A layer's values with dead partial plans removed, and per sender group the lowest value."""
+    """A layer seen from the next stage: per group of sending kinds and codec, the lowest value of
+    every row and position, with dead partial plans removed.
 
-    mode: str
-    values: Values
-    alive: np.ndarray
-    cache: dict
+    Dead: a partial plan already as bad as the best finished one (its value only grows), or one
+    whose unused devices cannot cover the rest of the model (``_can_finish``). The test is applied
+    to the minimum over a group's kinds, which is exact: if the smallest of them is dead, all are.
+    """
 
-    def lowest(self, group: tuple[int, ...], x: int) -> Values:
+    def __init__(self, t: Tables, view: View, mode: str, layer: Layer, best: tuple[float, ...]) -> None:
+        self.t, self.mode, self.layer, self.best = t, mode, layer, best
+        self.finish = _can_finish(t, view, layer.counts)  # (m, S+1)
+        self.finish[:, t.n_segments] = False  # a finished plan takes no more stages
+        self.cache: dict = {}
+        self.alive = np.zeros(len(layer.codes), dtype=bool)
+        for rows, values in layer.parts.values():
+            # Over the codecs, each array's own minimum: for (error, latency) pairs this can only
+            # call more rows alive than are (extra work, never a lost plan).
+            low = tuple(v.min(axis=1) for v in values)
+            alive = np.isfinite(self._prune(low, rows)[0]).any(axis=1)
+            self.alive[rows[alive]] = True
+
+    def _prune(self, low: Values, rows: np.ndarray | None = None) -> Values:
+        best, mode, t = self.best, self.mode, self.t
+        finish = self.finish if rows is None else self.finish[rows]
+        if mode == MAX:
+            dead = low[0] >= best[0]  # cannot improve the bottleneck
+        elif mode == ERR:
+            dead = (low[0] >= best[0]) | (low[0] > t.budget)
+        elif mode == LAT:
+            dead = low[0] > best[0] * (1 + TOL)  # keep near-ties: fewer devices breaks them
+        else:
+            e, lat = low
+            dead = (e > best[0]) | ((e == best[0]) & (lat > best[1] * (1 + TOL))) | (e > t.budget)
+        return tuple(np.where(dead | ~finish, np.inf, v) for v in low)
+
+    def entry(self, senders: _Senders, x: int) -> Values | None:
+        """For every row: the best value of entering a stage after any of ``senders`` (groups of
+        kinds with their hop column) through codec x. Receiving kinds with the same senders and
+        columns share it, so it is computed once per layer."""
+        key = ("entry", x, senders.key)
+        if key not in self.cache:
+            entry = None
+            for group, column in senders.groups:
+                low = self.lowest(group, x)
+                if low is None:
+                    continue
+                cand = _combine(self.mode, low, column)
+                entry = cand if entry is None else _minimum(self.mode, entry, cand)
+            self.cache[key] = entry
+        return self.cache[key]
+
+    def lowest(self, group: tuple[int, ...], x: int) -> Values | None:
         key = (group, x)
         if key not in self.cache:
-            low = tuple(v[:, group[0], x] for v in self.values)
-            for g in group[1:]:
-                low = _minimum(self.mode, low, tuple(v[:, g, x] for v in self.values))
-            self.cache[key] = low
+            present = [g for g in group if g in self.layer.parts]
+            if not present:
+                self.cache[key] = None
+                return None
+            shape = (len(self.layer.codes), self.t.n_segments + 1)
+            low = _inf(self.mode, shape)
+            for g in present:
+                rows, values = self.layer.parts[g]
+                merged = _minimum(self.mode, tuple(v[rows] for v in low), tuple(v[:, x] for v in values))
+                for target, m in zip(low, merged, strict=True):
+                    target[rows] = m
+            self.cache[key] = self._prune(low)
         return self.cache[key]
 
 
-def _prune(t: Tables, view: View, mode: str, layer: Layer, best: tuple[float, ...]) -> _Live:
-    n = t.n_segments
-    if mode == MAX:
-        dead = layer.values[0] >= best[0]  # cannot improve the bottleneck
-    elif mode == ERR:
-        dead = (layer.values[0] >= best[0]) | (layer.values[0] > t.budget)
-    elif mode == LAT:
-        dead = layer.values[0] > best[0] * (1 + TOL)  # keep near-ties: fewer devices breaks them
-    else:
-        e, lat = layer.values
-        # Keep latency near-ties: fewer devices breaks them.
-        dead = (e > best[0]) | ((e == best[0]) & (lat > best[1] * (1 + TOL))) | (e > t.budget)
-    finish = _can_finish(t, view, layer.counts)[:, None, None, :]
-    values = tuple(np.where(dead | ~finish, np.inf, v) for v in layer.values)
-    for v in values:
-        v[:, :, :, n] = np.inf
-    alive = np.isfinite(values[0]).any(axis=(1, 2, 3))
-    return _Live(mode, values, alive, {})
-
-
-def _sender_groups(t: Tables, view: View, mode: str) -> list[list[list[tuple[tuple[int, ...], Values]]]]:
+def _sender_groups(t: Tables, view: View, mode: str) -> list[list[_Senders]]:
     """Per receiving kind gb and codec x: the sending kinds grouped by their hop column (usually
     one group per distinct link speed and replica count), each with that column."""
     out = []
@@ -274,19 +311,45 @@ def _sender_groups(t: Tables, view: View, mode: str) -> list[list[list[tuple[tup
                     continue
                 key = b"".join(c.tobytes() for c in column)
                 groups.setdefault(key, ([], column))[0].append(ga)
-            per_codec.append([(tuple(members), column) for members, column in groups.values()])
+            found = [(tuple(members), column) for members, column in groups.values()]
+            key = hash(tuple((m, k) for (m, _), k in zip(found, groups, strict=True)))
+            per_codec.append(_Senders(tuple(found), key))
         out.append(per_codec)
     return out
+
+
+@dataclass(frozen=True)
+class _Senders:
+    """The kinds that may precede a receiving kind through one codec, grouped by hop column; ``key``
+    identifies the grouping, so receivers with the same senders share their entry values."""
+
+    groups: tuple[tuple[tuple[int, ...], Values], ...]
+    key: int
 
 
 def _narrow(t: Tables, view: View, layer: Layer, beam: int) -> Layer:
     """Keep the ``beam`` rows with the most spare capacity: segments the unused devices could still
     cover (at their longest stage) minus the segments left after the row's furthest position."""
-    positions = np.arange(layer.values[0].shape[3])[None, :]
-    reach = np.where(np.isfinite(layer.values[0]).any(axis=(1, 2)), positions, -1).max(axis=1)
+    reach = np.full(len(layer.codes), -1)
+    positions = np.arange(t.n_segments + 1)
+    for rows, values in layer.parts.values():
+        furthest = np.where(np.isfinite(values[0]).any(axis=1), positions[None, :], -1).max(axis=1)
+        np.maximum.at(reach, rows, furthest)
     spare = (t.counts[None, :] - layer.counts) @ view.capacity[:, 0] - (t.n_segments - reach)
     keep = np.sort(np.argpartition(-spare, beam - 1)[:beam])
-    return Layer(layer.codes[keep], layer.counts[keep], tuple(v[keep] for v in layer.values))
+    return _subset(layer, keep)
+
+
+def _subset(layer: Layer, keep: np.ndarray) -> Layer:
+    """The layer restricted to rows ``keep`` (sorted), renumbered."""
+    new_index = np.full(len(layer.codes), -1)
+    new_index[keep] = np.arange(len(keep))
+    parts = {}
+    for g, (rows, values) in layer.parts.items():
+        mask = new_index[rows] >= 0
+        if mask.any():
+            parts[g] = (new_index[rows[mask]], tuple(v[mask] for v in values))
+    return Layer(layer.codes[keep], layer.counts[keep], parts)
 
 
 def _can_finish(t: Tables, view: View, used: np.ndarray) -> np.ndarray:
@@ -297,28 +360,27 @@ def _can_finish(t: Tables, view: View, used: np.ndarray) -> np.ndarray:
     return (need[None, :, :] <= left[:, :, None] * (1 + TOL) + 1e-12).all(axis=1)
 
 
-def _merge(parts: list, strides: np.ndarray, kinds: list[tuple[int, int]], x_count: int, n: int,
-           mode: str) -> Layer:
+def _merge(parts: list, strides: np.ndarray, t: Tables) -> Layer:
     """Collect the rows reached by adding a stage of kind gb to source rows into one layer. Each
-    (target row, kind) comes from exactly one source row, so values are assigned, not compared."""
-    c_count, g_count = len(strides), len(kinds)
+    (target row, kind) comes from exactly one source row (one source layer per kind)."""
+    c_count = len(strides)
     if not parts:
-        return Layer(np.zeros(0, dtype=np.int64), np.zeros((0, c_count), dtype=np.int64),
-                     _inf(mode, (0, g_count, x_count, n + 1)))
-    new_codes = np.concatenate([codes + kinds[gb][1] * strides[kinds[gb][0]] for gb, codes, _, _ in parts])
+        return Layer(np.zeros(0, dtype=np.int64), np.zeros((0, c_count), dtype=np.int64), {})
+    shift = [(k.replicas * strides[k.cls]) for k in t.kinds]
+    new_codes = np.concatenate([codes + shift[gb] for gb, codes, _, _ in parts])
     uniq, inverse = np.unique(new_codes, return_inverse=True)
-    values = _inf(mode, (len(uniq), g_count, x_count, n + 1))
     new_counts = np.zeros((len(uniq), c_count), dtype=np.int64)
+    merged: dict[int, tuple[np.ndarray, Values]] = {}
     at = 0
-    for gb, codes, counts, new in parts:
+    for gb, codes, counts, values in parts:
         idx = inverse[at: at + len(codes)]
-        for target, source in zip(values, new, strict=True):
-            target[idx, gb] = source
-        cls, r = kinds[gb]
+        kind = t.kinds[gb]
+        counts = counts.copy()
+        counts[:, kind.cls] += kind.replicas
         new_counts[idx] = counts
-        new_counts[idx, cls] += r
+        merged[gb] = (idx, values)  # idx is sorted: source codes are, and the shift is constant
         at += len(codes)
-    return Layer(uniq, new_counts, values)
+    return Layer(uniq, new_counts, merged)
 
 
 # --- tracing back --------------------------------------------------------------------------------
@@ -342,6 +404,7 @@ def trace(t: Tables, view: View, mode: str, layers: dict[int, Layer], final: Fin
         else:
             prev = layers[prev_depth]
             prow = int(np.searchsorted(prev.codes, code - kind.replicas * strides[kind.cls]))
+            previous = _row_values(t, mode, prev, prow)  # each (G, X, S+1)
         for x in range(len(t.codecs) if prev is not None else 1):
             if prev is not None:
                 hops = [_hop(mode, view, x, ga, g) for ga in range(g_count)]
@@ -359,7 +422,7 @@ def trace(t: Tables, view: View, mode: str, layers: dict[int, Layer], final: Fin
                     before = tuple(np.where(keep[None, :], start[c, 0], np.inf) for c in range(len(band)))
                     step = tuple(np.zeros_like(b) for b in before)
                 else:
-                    before = tuple(val[prow][:, x, js] for val in prev.values)  # (G, w)
+                    before = tuple(val[:, x, js] for val in previous)  # (G, w)
                     step = tuple(h[:, js] for h in hop)
                 value = _combine(mode, _combine(mode, before, step), here)
                 found = _argmin(value)
@@ -378,6 +441,17 @@ def trace(t: Tables, view: View, mode: str, layers: dict[int, Layer], final: Fin
         code = int(prev.codes[prow])
         k, g, y, end = prev_depth, ga, x, j
     return stages[::-1]
+
+
+def _row_values(t: Tables, mode: str, layer: Layer, row: int) -> Values:
+    """All kinds' values of one row of a layer, (G, X, S+1) each, inf where a kind did not reach it."""
+    out = _inf(mode, (len(t.kinds), len(t.codecs), t.n_segments + 1))
+    for g in layer.parts:
+        found = layer.value(row, g)
+        if found is not None:
+            for target, v in zip(out, found, strict=True):
+                target[g] = v
+    return out
 
 
 def _argmin(value: Values) -> tuple[int, int] | None:

@@ -112,6 +112,7 @@ class Tables:
     budget: float  # error units available (0 without a budget)
     unusable: dict[str, str]  # devices with no compute figures at this microbatch -> why
     max_replicas: int = 1
+    cache: dict = field(default_factory=dict, compare=False, repr=False)  # derived arrays, built once
 
     @property
     def n_segments(self) -> int:
@@ -130,6 +131,15 @@ class Tables:
 
     def fits(self, c: int, v: int = 0) -> np.ndarray:
         return self.memory[v] <= self.capacity[c]
+
+    def measures(self) -> np.ndarray:
+        """(K, S+1): cumulative per-segment weights the pruning and the bound count coverage in:
+        segments, and each class's fp32 seconds (duplicates removed)."""
+        if "measures" not in self.cache:
+            n = self.n_segments
+            self.cache["measures"] = np.unique(np.vstack([np.arange(n + 1, dtype=np.float64), self.prefix[:, 0, :]]),
+                                               axis=0)
+        return self.cache["measures"]
 
     def kind_index(self, cls: int, replicas: int) -> int:
         return self.kinds.index(Kind(cls, replicas))
@@ -411,38 +421,58 @@ def _band_positions(n: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     return start, end
 
 
+@dataclass(frozen=True)
+class Reach:
+    """Every stage one device of a class can hold in one variant, sorted by compute: what fits
+    under any compute limit is a prefix of it, so views at many bounds cost a binary search."""
+
+    comps: np.ndarray  # sorted compute of every stage [i, j) that fits
+    width: np.ndarray  # running max of j - i along that order
+    spans: np.ndarray  # (K, len): running max of the stage's span in each measure
+
+
+def reach(t: Tables, c: int, v: int) -> Reach:
+    key = ("reach", c, v)
+    if key not in t.cache:
+        comp = t.stage_compute[c, v]
+        ii, jj = np.nonzero(np.isfinite(comp))
+        order = np.argsort(comp[ii, jj], kind="stable")
+        ii, jj = ii[order], jj[order]
+        measures = t.measures()
+        if len(ii):
+            width = np.maximum.accumulate(jj - ii)
+            spans = np.maximum.accumulate(measures[:, jj] - measures[:, ii], axis=1)
+        else:
+            width, spans = np.zeros(0, dtype=np.int64), np.zeros((len(measures), 0))
+        t.cache[key] = Reach(comp[ii, jj], width, spans)
+    return t.cache[key]
+
+
 def make_view(t: Tables, bound: float, only: Sequence[int] | None = None, theta: float | None = None) -> View:
     """The view at ``bound``; ``only``: build the bands of these kinds only (others stay empty);
     ``theta``: the dominance threshold (default: the bound)."""
     n = t.n_segments
+    measures = t.measures()
+    capacity = np.zeros((len(t.classes), len(measures)))
+    start = np.arange(n + 1)[:, None]
     comp_bands = []
-    widest: dict[tuple[int, int], np.ndarray] = {}  # (class, replicas) -> valid cells, for capacities
     for g, kind in enumerate(t.kinds):
         if only is not None and g not in only:
             comp_bands.append(tuple(np.zeros((n + 1, 0)) for _ in t.variants))
             continue
+        limit = bound * kind.replicas
         per_variant = []
         for v in range(len(t.variants)):
-            comp = t.stage_compute[kind.cls, v]
-            valid = comp <= bound * kind.replicas
-            ii, jj = np.nonzero(valid)
-            width = int((jj - ii).max()) if len(ii) else 0
-            start = np.arange(n + 1)[:, None]
+            r = reach(t, kind.cls, v)
+            k = int(np.searchsorted(r.comps, limit, side="right"))
+            width = int(r.width[k - 1]) if k else 0
             end = start + np.arange(1, width + 1)[None, :]
-            inside = end <= n
-            end = np.minimum(end, n)
-            per_variant.append(np.where(inside & valid[start, end], comp[start, end], np.inf))
-            widest.setdefault((kind.cls, kind.replicas), np.zeros((n + 1, n + 1), dtype=bool))
-            widest[(kind.cls, kind.replicas)] |= valid
+            comp = t.stage_compute[kind.cls, v][start, np.minimum(end, n)]
+            per_variant.append(np.where((end <= n) & (comp <= limit), comp, np.inf))
+            if k:
+                # A device in a group of r covers 1/r of the group's stage, in every measure.
+                capacity[kind.cls] = np.maximum(capacity[kind.cls], r.spans[:, k - 1] / kind.replicas)
         comp_bands.append(tuple(per_variant))
-    measures = np.unique(np.vstack([np.arange(n + 1, dtype=np.float64), t.prefix[:, 0, :]]), axis=0)
-    capacity = np.zeros((len(t.classes), len(measures)))
-    for (c, r), valid in widest.items():
-        ii, jj = np.nonzero(valid)
-        if len(ii):
-            # A device in a group of r covers 1/r of the group's stage, in every measure.
-            span = (measures[:, jj] - measures[:, ii]).max(axis=1) / r
-            capacity[c] = np.maximum(capacity[c], span)
     return View(t, bound, bound if theta is None else min(theta, bound), tuple(comp_bands), measures, capacity)
 
 
@@ -471,23 +501,40 @@ def window(entry: np.ndarray) -> tuple[int, int]:
     return (int(finite[0]), int(finite[-1])) if len(finite) else (0, -1)
 
 
+def _gather(entry_lo: int, entry_hi: int, n: int, band: np.ndarray, lengths: np.ndarray | None
+            ) -> tuple[int, np.ndarray, np.ndarray] | None:
+    """For one advance: the first output position k0, the start position j = k - d of every output
+    k >= k0 and length d (K, D), and the band cell of each (K, D; inf where j is outside the
+    entry's window or the stage would end past S)."""
+    ds = np.arange(1, band.shape[1] + 1) if lengths is None else np.asarray(lengths)
+    ds = ds[ds <= n - 1 - entry_lo]
+    if not len(ds) or entry_hi < entry_lo:
+        return None
+    k0, k1 = entry_lo + int(ds[0]), min(entry_hi + int(ds[-1]), n - 1)
+    ks = np.arange(k0, k1 + 1)
+    js = ks[:, None] - ds[None, :]
+    inside = (js >= entry_lo) & (js <= entry_hi)
+    js = np.where(inside, js, entry_lo)
+    cells = np.where(inside, band[js, ds[None, :] - 1], np.inf)
+    return k0, js, cells
+
+
 def advance(entry: np.ndarray, band: np.ndarray, op: Op, lengths: np.ndarray | None = None,
             span: tuple[int, int] | None = None) -> np.ndarray:
     """out[m, k] = min over d of op(entry[m, k-d], band[k-d, d-1]): one more stage.
 
     ``entry[m, j]`` is the value of a partial plan whose next stage starts at position j. ``span``
-    (the entry's ``window``) and ``lengths`` (the d worth trying) only save work.
+    (the entry's ``window``) and ``lengths`` (the d worth trying) only save work. All lengths are
+    done at once: the entry is gathered at every (k, d) and reduced over d.
     """
     n = entry.shape[1]
     out = np.full(entry.shape, np.inf)
     lo, hi = window(entry) if span is None else span
-    ds = range(1, band.shape[1] + 1) if lengths is None else lengths
-    for d in ds:
-        d = int(d)
-        top = min(hi, n - 1 - d) + 1  # starts j in [lo, top), ends j + d
-        if top <= lo:
-            continue
-        np.minimum(out[:, lo + d: top + d], op(entry[:, lo:top], band[lo:top, d - 1]), out=out[:, lo + d: top + d])
+    found = _gather(lo, hi, n, band, lengths)
+    if found is None:
+        return out
+    k0, js, cells = found
+    out[:, k0: k0 + len(js)] = op(entry[:, js], cells[None]).min(axis=2)
     return out
 
 
@@ -497,22 +544,20 @@ def advance_lex(entry: tuple[np.ndarray, np.ndarray], band: tuple[np.ndarray, np
     """``advance`` for (error, latency) pairs, both added, compared error first. Errors are whole
     units in float64, so their sums and comparisons are exact."""
     e_in, l_in = entry
-    e_band, l_band = band
     n = e_in.shape[1]
     e_out, l_out = np.full(e_in.shape, np.inf), np.full(e_in.shape, np.inf)
     lo, hi = window(e_in) if span is None else span
-    ds = range(1, e_band.shape[1] + 1) if lengths is None else lengths
-    for d in ds:
-        d = int(d)
-        top = min(hi, n - 1 - d) + 1
-        if top <= lo:
-            continue
-        e = e_in[:, lo:top] + e_band[lo:top, d - 1]
-        lat = l_in[:, lo:top] + l_band[lo:top, d - 1]
-        e_cur, l_cur = e_out[:, lo + d: top + d], l_out[:, lo + d: top + d]
-        better = (e < e_cur) | ((e == e_cur) & (lat < l_cur))
-        e_cur[better] = e[better]
-        l_cur[better] = lat[better]
+    found = _gather(lo, hi, n, band[0], lengths)
+    if found is None:
+        return e_out, l_out
+    k0, js, e_cells = found
+    _, _, l_cells = _gather(lo, hi, n, band[1], lengths)
+    e = e_in[:, js] + e_cells[None]
+    lat = l_in[:, js] + l_cells[None]
+    least = e.min(axis=2)
+    lat = np.where(e == least[:, :, None], lat, np.inf).min(axis=2)
+    e_out[:, k0: k0 + len(js)] = least
+    l_out[:, k0: k0 + len(js)] = np.where(np.isfinite(least), lat, np.inf)
     return e_out, l_out
 
 

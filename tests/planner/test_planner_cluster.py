@@ -107,7 +107,7 @@ DEVICE = '[[device]]\nname = "b2"\ntype = "board"\nmemory = 1\nbandwidth = 10\n'
         ('[[type]]\nname = "slow"\nspeed = 0.5\ngflops = 1\n',
          r"\[\[type\]\] 'slow'.speed: is relative to a reference"),
         ('[[type]]\nname = "prof"\nprofile = "p.json"\n',
-         r"\[\[type\]\] 'prof'.profile: profile files are not supported yet"),
+         r"\[\[type\]\] 'prof'.profile: measured profiles are not named in the cluster file; edgepipe-compile"),
         ('[[type]]\nname = "empty"\n', r"\[\[type\]\] 'empty': needs gflops, or reference \+ speed"),
         ('[[type]]\nname = "neg"\ngflops = -2\n', r"\[\[type\]\] 'neg'.gflops: expected a positive number"),
     ],
