@@ -212,19 +212,63 @@ def _stage_values(t: Tables, view: View, mode: str, gb: int, entries: dict[int, 
     rows, n1 = next(iter(entries.values()))[0].shape
     out = _inf(mode, (rows, len(t.codecs), n1))
     reached = False
-    for x, entry in entries.items():
-        span = window(entry[0])
-        for y in range(len(t.codecs)):
-            for v in range(len(t.variants)):
-                lengths = view.lengths(gb, x, y, v, *span)
+    for y in range(len(t.codecs)):
+        for v in range(len(t.variants)):
+            for entry, band, valid in _advance_groups(t, view, mode, gb, entries, y, v):
+                span = window(entry[0])
+                lengths = _finite_lengths(valid, *span)
                 if not len(lengths):
                     continue
-                new = _advance(mode, entry, _band(mode, view, gb, x, y, v), lengths, span)
+                new = _advance(mode, entry, band, lengths, span)
                 merged = _minimum(mode, tuple(o[:, y] for o in out), new) if reached else new
                 for o, m in zip(out, merged, strict=True):
                     o[:, y] = m
                 reached = True
     return out if reached else None
+
+
+def _advance_groups(t: Tables, view: View, mode: str, gb: int, entries: dict[int, Values], y: int, v: int
+                    ) -> list[tuple[Values, Values, np.ndarray]]:
+    """(entry, band, valid cells) to advance for output codec y and variant v.
+
+    In the bottleneck mode, one per input codec x: a stage's step mixes its receive cost with
+    compute under a max. In the other modes the band is the same for every x up to where it is
+    valid (the receive cost is added to the entry, at the stage's start), and advancing is linear
+    in the entry for (min, +): input codecs whose cells are valid in the same places share one
+    advance, of the minimum of their entries.
+    """
+    if mode == MAX:
+        return [(entry, _band(mode, view, gb, x, y, v), view.valid(gb, x, y, v)) for x, entry in entries.items()]
+    cls = t.kinds[gb].cls
+    groups: dict[bytes, tuple[np.ndarray, Values]] = {}
+    for x, entry in entries.items():
+        valid = view.valid(gb, x, y, v)
+        if not valid.any():
+            continue
+        if mode != ERR:  # the receive CPU of the input, in codec x, at the stage's start
+            entry = (*entry[:-1], entry[-1] + t.recv[cls, x][None, :])
+        key = valid.tobytes()
+        if key in groups:
+            groups[key] = (valid, _minimum(mode, groups[key][1], entry))
+        else:
+            groups[key] = (valid, entry)
+    out = []
+    for valid, entry in groups.values():
+        if mode == ERR:
+            band: Values = (np.where(valid, view.err_units(gb, y, v), np.inf),)
+        elif mode == LAT:
+            band = (np.where(valid, view.lat_out(gb, y, v), np.inf),)
+        else:
+            band = (np.where(valid, view.err_units(gb, y, v), np.inf), np.where(valid, view.lat_out(gb, y, v), np.inf))
+        out.append((entry, band, valid))
+    return out
+
+
+def _finite_lengths(valid: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """Stage lengths d with a valid cell for some start in [lo, hi]."""
+    if hi < lo or not valid.shape[1]:
+        return np.zeros(0, dtype=np.int64)
+    return np.flatnonzero(valid[lo: hi + 1].any(axis=0)) + 1
 
 
 class _Live:

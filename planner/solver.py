@@ -175,25 +175,28 @@ def _fastest(problem: Problem, microbatch: int, method: str, max_exact_states: i
 
 def _within_budget(t: Tables, relaxed: float, upper: float) -> float:
     """The smallest bottleneck of a plan within the error budget, given the smallest with every
-    lossy option allowed on its own (``relaxed``) and a plain plan's (``upper``, inf if none): the
-    least error of plans within a bound only falls as the bound grows, and changes only at step
-    times, so a binary search over the step times between the two finds it."""
+    lossy option allowed on its own (``relaxed``) and a plain plan's (``upper``, inf if none).
+
+    The least error of plans within a bound only falls as the bound grows, and changes only at
+    step times; a lossless plan is within any budget. So the answer is the first step time in
+    [relaxed, lossless optimum] whose least error fits the budget: a binary search over that
+    bracket (a probe that fits stops at its first plan within the budget).
+    """
     if not t.lossy or _min_error(t, relaxed) <= t.budget:
         return relaxed
-    values = step_values(t, relaxed, upper)
-    lo, hi, found = 0, len(values) - 1, math.inf
-    while lo <= hi:
-        mid = (lo + hi) // 2
-        if _min_error(t, float(values[mid])) <= t.budget:
-            found, hi = float(values[mid]), mid - 1
-        else:
-            lo = mid + 1
-    if not math.isfinite(found):
-        if math.isfinite(upper):
-            return upper
+    top = min(upper, min_bottleneck(t.lossless(), upper, lower=relaxed)) if math.isfinite(upper) else math.inf
+    values = step_values(t, relaxed, top)
+    lo, hi = 0, len(values) - 1  # values[lo] is known not to fit; values[hi] fits (checked below if unsure)
+    if not math.isfinite(top) and _min_error(t, float(values[hi])) > t.budget:
         budget = t.problem.max_error
         raise InfeasibleError(f"no plan fits within the error budget ({budget.describe() if budget else 'none'})")
-    return found
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if _min_error(t, float(values[mid])) <= t.budget:
+            hi = mid
+        else:
+            lo = mid
+    return float(values[hi])
 
 
 def _min_error(t: Tables, bound: float) -> float:

@@ -132,6 +132,17 @@ class Tables:
     def fits(self, c: int, v: int = 0) -> np.ndarray:
         return self.memory[v] <= self.capacity[c]
 
+    def lossless(self) -> Tables:
+        """The tables without lossy choices: raw hops and fp32 weights only."""
+        if len(self.codecs) == 1 and len(self.variants) == 1:
+            return self
+        return replace(
+            self, codecs=self.codecs[:1], variants=self.variants[:1], prefix=self.prefix[:, :1],
+            stage_compute=self.stage_compute[:, :1], memory=self.memory[:1], recv=self.recv[:, :1],
+            send_cpu=self.send_cpu[:, :1], wire=self.wire[:1], wire_in_max=self.wire_in_max[:1],
+            wire_out_max=self.wire_out_max[:1], cut_err=self.cut_err[:1], cache={},
+        )
+
     def measures(self) -> np.ndarray:
         """(K, S+1): cumulative per-segment weights the pruning and the bound count coverage in:
         segments, and each class's fp32 seconds (duplicates removed)."""
@@ -356,6 +367,39 @@ class View:
             return np.zeros(0, dtype=np.int64)
         return np.flatnonzero(cum[hi + 1] - cum[lo]) + 1
 
+    def valid(self, g: int, x: int, y: int, v: int) -> np.ndarray:
+        """(S+1, w) bool: where ``own`` is finite."""
+        key = ("valid", g, x, y, v)
+        if key not in self.cache:
+            self.cache[key] = np.isfinite(self.own(g, x, y, v))
+        return self.cache[key]
+
+    def lat_out(self, g: int, y: int, v: int) -> np.ndarray:
+        """(S+1, w): compute + send CPU of the stage (its latency share without the receive, which
+        depends only on where the stage starts and is added to the entry instead); not masked."""
+        key = ("lat_out", g, y, v)
+        if key not in self.cache:
+            kind = self.tables.kinds[g]
+            comp = self.comp[g][v]
+            _, send = self._comm(kind.cls, 0, y, comp.shape[1])
+            self.cache[key] = comp + send
+        return self.cache[key]
+
+    def err_units(self, g: int, y: int, v: int) -> np.ndarray:
+        """(S+1, w): error units of the stage (its int8 weights, its output codec); not masked by
+        ``own`` (inf where over the budget)."""
+        key = ("err_units", g, y, v)
+        if key not in self.cache:
+            t = self.tables
+            width = self.comp[g][v].shape[1]
+            start, end = _band_positions(t.n_segments, width)
+            units = t.cut_err[y][end]
+            if t.variants[v] == "int8":
+                over = t.int8_over[end] > t.int8_over[start]
+                units = np.where(over, np.inf, units + (t.int8_err[end] - t.int8_err[start]))
+            self.cache[key] = np.where(units <= t.budget, units, np.inf)
+        return self.cache[key]
+
     def lat(self, g: int, x: int, y: int, v: int) -> np.ndarray:
         """(S+1, w): compute + recv + send of the stage (its share of one microbatch's latency);
         inf where ``own`` is."""
@@ -373,15 +417,7 @@ class View:
         ``own`` is."""
         key = ("err", g, x, y, v)
         if key not in self.cache:
-            t = self.tables
-            own = self.own(g, x, y, v)
-            start, end = _band_positions(t.n_segments, own.shape[1])
-            units = t.cut_err[y][end]
-            if t.variants[v] == "int8":
-                over = t.int8_over[end] > t.int8_over[start]
-                units = np.where(over, np.inf, units + (t.int8_err[end] - t.int8_err[start]))
-            units = np.where(units <= t.budget, units, np.inf)
-            self.cache[key] = np.where(np.isfinite(own), units, np.inf)
+            self.cache[key] = np.where(self.valid(g, x, y, v), self.err_units(g, y, v), np.inf)
         return self.cache[key]
 
     def hop(self, x: int, ga: int, gb: int) -> np.ndarray:

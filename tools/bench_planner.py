@@ -1,21 +1,27 @@
-"""Planner benchmark: solve time at the issue's sizes, and plan quality against the baselines.
+"""Planner benchmark: solve time at the issue's sizes, plan quality against the baselines, and
+the predicted gains of compression, replication and int8 weights.
 
 Models are ViT-Base/Large/Huge at sub-block granularity (4 segments per block: attention, its
 projection, MLP up, MLP down; 48/96/128 segments), sized by hand from the architecture, since
 this measures the planner and not the compiler:
     weights per block 12 d^2 * 4 bytes, FLOPs per sample 24 n d^2 + 4 n^2 d, and per cut n*d*4
     bytes (2x after attention, 5x after the MLP's first layer, where two tensors cross).
+For the lossy choices (``--lossy``) each cut offers fp16 and int8 and each segment int8 weights,
+with ASSUMED effects on the outputs (the compiler will measure the real ones), and each device
+type gets comm costs of the order measured for the codecs on the benchmark machine.
 
     python tools/bench_planner.py                    # everything, prints tables
     python tools/bench_planner.py --json bench.json  # and writes the numbers
+    python tools/bench_planner.py --before main      # solve times side by side with main's planner
     python tools/bench_planner.py --write-problem vit_huge_patch14_224 \\
-        --cluster planner/examples/paper-testbed.toml -o vith.problem.json
+        --cluster planner/examples/paper-testbed.toml -o vith.problem.json [--lossy]
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import itertools
 import json
 import os
@@ -34,7 +40,21 @@ import numpy as np
 import typer
 from edgepipe.planner.baselines import all_baselines
 from edgepipe.planner.cluster import load_cluster, problem_for
-from edgepipe.planner.problem import Device, DeviceType, Link, ModelSpec, Problem, Segment, save_problem
+from edgepipe.planner.problem import (
+    CommCost,
+    CutCodec,
+    Device,
+    DeviceType,
+    ErrorBudget,
+    ErrorEffect,
+    Int8Speed,
+    Int8Weights,
+    Link,
+    ModelSpec,
+    Problem,
+    Segment,
+    save_problem,
+)
 from edgepipe.planner.solver import solve
 from rich.console import Console
 from rich.progress import Progress
@@ -42,6 +62,8 @@ from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT / "planner" / "examples" / "paper-testbed.toml"
+PAPER_5MBPS = ROOT / "planner" / "examples" / "paper-testbed-5mbps.toml"
+FAST_AND_SLOW = ROOT / "planner" / "examples" / "fast-and-slow.toml"
 PLAN_CLI = str(Path(sys.executable).parent / "edgepipe-plan")
 
 # name: (width d, blocks, heads, tokens n, patch)
@@ -80,6 +102,65 @@ def vit_model_spec(name: str) -> ModelSpec:
     digest = hashlib.sha256(f"analytic:{name}".encode()).hexdigest()
     segments = tuple(Segment(r[0], int(r[1]), int(r[2]), int(r[3]), float(r[4])) for r in rows)
     return ModelSpec(name, digest, 3 * 224 * 224 * f, segments)
+
+
+# ASSUMED effects of each lossy choice on the model's outputs (logits), one choice at a time. The
+# compiler measures the real ones per cut and segment (issue 13); these only make the predicted
+# gains concrete. Sending one cut in fp16 costs about 1e-3 of the outputs' scale, int8 with
+# per-row scales ten times that; int8 weights of one quarter-block a few times that again.
+FP16_CUT = ErrorEffect(max_abs_diff=1e-3, cosine=0.9999995, top1_agreement=1.0)
+INT8_CUT = ErrorEffect(max_abs_diff=1e-2, cosine=0.99998, top1_agreement=0.999)
+INT8_WEIGHTS = ErrorEffect(max_abs_diff=2e-2, cosine=0.9999, top1_agreement=0.998)
+INT8_SPEEDUP = 1.3  # int8 MatMul/Gemm speed over fp32 on the boards (assumed)
+# CPU seconds per message and per uncompressed byte (receive + decode, encode + send), of the
+# order measured for agent/formats/codecs.py plus a socket copy on the benchmark machine (numpy
+# fp16 conversion is the dearest); CURVE adds about 1 ns per wire byte. Boards are taken as 4x
+# slower than the benchmark machine at this work.
+COMM_SCALE = 4.0
+COMM_PER_MESSAGE_S = 1e-4
+COMM_PER_BYTE_S = {"raw": (0.5e-9, 0.5e-9), "fp16": (1.1e-9, 1.3e-9), "int8": (0.7e-9, 0.9e-9)}  # (recv, send)
+CURVE_PER_WIRE_BYTE_S = 1e-9
+WIRE_FRACTION = {"raw": 1.0, "fp16": 0.5, "int8": 0.26}
+
+
+def lossy_model_spec(model: ModelSpec) -> ModelSpec:
+    """``model`` with fp16 and int8 offered at every cut between stages and int8 weights for every
+    segment, with the assumed effects above (int8 frames carry one float32 scale per token)."""
+    segments = []
+    last = len(model.segments) - 1
+    for i, seg in enumerate(model.segments):
+        codecs = () if i == last else (
+            CutCodec("fp16", seg.out_bytes // 2, FP16_CUT), CutCodec("int8", seg.out_bytes // 4 + 4 * 257, INT8_CUT))
+        segments.append(Segment(seg.name, seg.weight_bytes, seg.activation_bytes, seg.out_bytes, seg.flops,
+                                codecs, Int8Weights(seg.weight_bytes // 4, INT8_WEIGHTS)))
+    return ModelSpec(model.model_id, model.model_sha256, model.input_bytes, tuple(segments))
+
+
+def comm_costs(secure: bool = True) -> tuple[CommCost, ...]:
+    """The assumed comm costs of a board, with and without CURVE."""
+    out = []
+    for codec, (recv, send) in COMM_PER_BYTE_S.items():
+        for curve in (False, True):
+            extra = CURVE_PER_WIRE_BYTE_S * WIRE_FRACTION[codec] if curve else 0.0
+            out.append(CommCost(codec, curve, COMM_SCALE * COMM_PER_MESSAGE_S, COMM_SCALE * (recv + extra),
+                                COMM_SCALE * COMM_PER_MESSAGE_S, COMM_SCALE * (send + extra)))
+    return tuple(out)
+
+
+def lossy_problem(problem: Problem, budget: ErrorBudget | None) -> Problem:
+    """``problem`` with the lossy choices offered, int8 speeds and comm costs on every type (shared
+    with the comm threads on one core), planned within ``budget``."""
+    types = tuple(replace(t, comm=comm_costs(), comm_share=1.0,
+                          int8=Int8Speed(gflops=t.gflops * INT8_SPEEDUP) if t.gflops else None)
+                  for t in problem.device_types)
+    return replace(problem, model=lossy_model_spec(problem.model), device_types=types, max_error=budget)
+
+
+def with_comm(problem: Problem) -> Problem:
+    """``problem`` with the assumed comm costs and nothing lossy: what every row of a comparison
+    is judged by, so the numbers compare directly."""
+    return replace(problem, device_types=tuple(replace(t, comm=comm_costs(), comm_share=1.0)
+                                               for t in problem.device_types))
 
 
 def fleet_problem(model: ModelSpec) -> Problem:
