@@ -183,7 +183,7 @@ def _hop(stage: Stage) -> str:
 def _error_text(effect: ErrorEffect | None) -> str:
     if effect is None:
         return "–"
-    return f"Δ≤{effect.max_abs_diff:.2g}, cos≥{effect.cosine:.6f}"
+    return f"Δ≤{effect.max_abs_diff:.2g}, 1−cos≤{1.0 - effect.cosine:.1g}"
 
 
 def _summary(plan: Plan) -> str:
@@ -208,7 +208,7 @@ def _summary(plan: Plan) -> str:
         e = plan.predicted_error
         top1 = f", top-1 agreement ≥ {e.top1_agreement:.4f}" if e.top1_agreement is not None else ""
         budget = f" (budget: {plan.max_error.describe()})" if isinstance(plan.max_error, ErrorBudget) else ""
-        text += (f" Predicted output error: max|Δ| ≤ {e.max_abs_diff:.3g}, cosine ≥ {e.cosine:.6f}{top1}{budget};"
+        text += (f" Predicted output error: max|Δ| ≤ {e.max_abs_diff:.3g}, cosine ≥ {e.cosine:.7f}{top1}{budget};"
                  " the compiler verifies it end to end.")
     elif plan.max_error is not None:
         text += f" No lossy choice was needed (budget: {plan.max_error.describe()})."

@@ -15,8 +15,8 @@ replica with free credit). Between stations, queues hold ``queue_depth`` microba
 whose result finds the next queue full holds it (and its next start) until there is room:
 
     start[s][m]  = max(depart[s-1][m], ready of the chosen server)
-    depart[s][m] = max(start[s][m] + sojourn, depart[s][m-1],
-                       depart[s+1][m - capacity[s] - servers[s+1]])
+    depart[s][m] = max(start[s][m] + sojourn, depart[s+1][m - capacity[s] - servers[s+1]],
+                       depart[s][m-1])   (the last term does not hold the server)
 
 With one server per station and sojourn = cycle this is the tandem-queue recurrence for blocking
 after service, exact for deterministic times: its rate converges to the steady state's, and its
@@ -140,13 +140,13 @@ def _run(stations: list[Station], capacity: list[int], n: int) -> tuple[list[lis
             server = station.servers[chosen]
             start[s][m] = max(arrived, ready[s][chosen])
             finish = start[s][m] + server.sojourn
-            if m > 0:
-                finish = max(finish, depart[s][m - 1])  # results leave in order
             ahead = m - capacity[s] - len(stations[s + 1].servers) if s + 1 < steps else -1
             if ahead >= 0:
                 finish = max(finish, depart[s + 1][ahead])  # blocked: the queue and servers after are full
-            depart[s][m] = finish
-            # The server starts its next microbatch a cycle later, or as late as holding this one
-            # delayed it.
+            # The server starts its next microbatch a cycle later, or as late as back-pressure
+            # delayed this one.
             ready[s][chosen] = max(start[s][m] + server.cycle, finish - server.sojourn + server.cycle)
+            # Results are passed on in order: one that a faster replica finished early waits in its
+            # output queue (the replica carries on) until the ones before it have gone.
+            depart[s][m] = max(finish, depart[s][m - 1]) if m > 0 else finish
     return start, depart

@@ -312,7 +312,8 @@ def _left_out(t: Tables, used: set[str], bottleneck: float, exact: bool) -> dict
                 reasons[name] = (f"too slow: its quickest stage takes {format_seconds(quickest / group)}{shared}, "
                                  f"above the bottleneck {format_seconds(bottleneck)}")
             elif exact:
-                reasons[name] = "not needed: plans that use it are no faster, and none has lower latency"
+                reasons[name] = ("not needed: plans that use it are no faster (within the throughput slack), "
+                                 "and none has less error or lower latency")
             else:
                 reasons[name] = "not used by the heuristic plan"
     return {d.name: reasons[d.name] for d in t.problem.devices if d.name in reasons}

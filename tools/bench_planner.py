@@ -107,10 +107,11 @@ def vit_model_spec(name: str) -> ModelSpec:
 # ASSUMED effects of each lossy choice on the model's outputs (logits), one choice at a time. The
 # compiler measures the real ones per cut and segment (issue 13); these only make the predicted
 # gains concrete. Sending one cut in fp16 costs about 1e-3 of the outputs' scale, int8 with
-# per-row scales ten times that; int8 weights of one quarter-block a few times that again.
+# per-row scales ten times that; int8 weights of one quarter-block 2e-3 (so a whole ViT-Large in
+# int8 adds up to 0.19 by the conservative rule).
 FP16_CUT = ErrorEffect(max_abs_diff=1e-3, cosine=0.9999995, top1_agreement=1.0)
 INT8_CUT = ErrorEffect(max_abs_diff=1e-2, cosine=0.99998, top1_agreement=0.999)
-INT8_WEIGHTS = ErrorEffect(max_abs_diff=2e-2, cosine=0.9999, top1_agreement=0.998)
+INT8_WEIGHTS = ErrorEffect(max_abs_diff=2e-3, cosine=0.99999, top1_agreement=0.9998)
 INT8_SPEEDUP = 1.3  # int8 MatMul/Gemm speed over fp32 on the boards (assumed)
 # CPU seconds per message and per uncompressed byte (receive + decode, encode + send), of the
 # order measured for agent/formats/codecs.py plus a socket copy on the benchmark machine (numpy
@@ -263,11 +264,11 @@ def bench_solve_time(repeats: int, progress: Progress, before: str | None) -> li
                 rows.append(_time_row(label, variant, problem, plan, seconds, target,
                                       cli_s if variant == "defaults" else None, timed.get("before")))
             progress.advance(task)
-        lossy = lossy_problem(with_comm(paper), ErrorBudget(max_abs_diff=0.05))
+        lossy = lossy_problem(with_comm(paper), GAIN_BUDGET)
         timed = _interleaved({"pipeline only": lambda: solve(lossy, max_replicas=1, throughput_slack=0.0),
                               "defaults": lambda: solve(lossy)}, max(1, repeats // 2))
         for variant, (seconds, plan) in timed.items():
-            rows.append(_time_row("paper testbed, lossy choices offered (budget max|Δ| 0.05)", variant, lossy, plan,
+            rows.append(_time_row("paper testbed, lossy choices offered (budget max|Δ| 0.1)", variant, lossy, plan,
                                   seconds, None, None, None))
         progress.advance(task)
     return rows
@@ -369,7 +370,7 @@ def small_boards(count: int, memory: str, bandwidth: str) -> Path:
     return path
 
 
-GAIN_BUDGET = ErrorBudget(max_abs_diff=0.05)
+GAIN_BUDGET = ErrorBudget(max_abs_diff=0.1)
 
 
 def bench_gains(progress: Progress) -> list[dict[str, Any]]:
@@ -383,7 +384,8 @@ def bench_gains(progress: Progress) -> list[dict[str, Any]]:
         ("paper testbed, 5 Mbps", "vit_large_patch16_224", PAPER_5MBPS, vitl),
         ("1 fast + 3 slow (fast-and-slow.toml), 1 Gbps, cuts where one tensor crosses", "vit_base_patch16_224",
          FAST_AND_SLOW, coarse_model_spec(vitb, 2)),
-        ("4 boards of 1 GiB, 5 Mbps", "vit_huge_patch14_224", small_boards(4, "1 GiB", "5 Mbps"), vith),
+        ("3 boards of 512 MiB, 1 Gbps", "vit_large_patch16_224", small_boards(3, "512 MiB", "1 Gbps"), vitl),
+        ("8 boards of 512 MiB, 20 Mbps", "vit_huge_patch14_224", small_boards(8, "512 MiB", "20 Mbps"), vith),
     ]
     variants = {
         "fp32 pipeline only": dict(lossy=False, max_replicas=1),
@@ -404,7 +406,7 @@ def bench_gains(progress: Progress) -> list[dict[str, Any]]:
         for name, how in variants.items():
             problem = lossy_problem(base, GAIN_BUDGET) if how["lossy"] else base
             try:
-                plan = solve(problem, max_replicas=how["max_replicas"], throughput_slack=0.0)
+                plan = solve(problem, max_replicas=how["max_replicas"])
             except ValueError as exc:  # InfeasibleError: e.g. the model does not fit in fp32
                 row[name] = {"throughput": 0.0, "why": str(exc)}
                 continue
@@ -476,7 +478,7 @@ def main(
                       "-" if r["target_s"] is None else f"< {r['target_s']} s")
     console.print(table)
 
-    table = Table(title="Predicted samples/s with compression (budget max|Δ| 0.05), replication and int8 weights; "
+    table = Table(title="Predicted samples/s with compression and int8 weights (budget max|Δ| 0.1), replication; "
                         "all judged by the same cost model, comm costs included")
     names = ["fp32 pipeline only", "+ replication", "+ compression, int8 weights", "+ both", "even-split", "pipedream"]
     for col in ("scenario", "model", *names, "best ÷ fp32 pipeline", "best ÷ pipedream"):
