@@ -7,7 +7,7 @@ import textwrap
 import pytest
 from conftest import EXAMPLES
 from edgepipe.planner.cluster import ClusterError, load_cluster, problem_for
-from edgepipe.planner.problem import segment_seconds
+from edgepipe.planner.problem import int8_segment_seconds, segment_seconds
 from edgepipe.planner.units import format_bytes, format_seconds, parse_bytes, parse_mbps, parse_seconds
 from planner_testlib import vit_like
 
@@ -147,3 +147,38 @@ def test_problem_for_reports_model_mismatch_with_the_cluster_file(tmp_path) -> N
                                     for s in flopless.segments))
     with pytest.raises(ClusterError, match=r"c.toml: model.segments: every flops figure is 0 but device type 'board'"):
         problem_for(cluster, flopless, 8)
+
+
+def test_fast_and_slow_example_and_int8_speed(tmp_path) -> None:
+    cluster = load_cluster(EXAMPLES / "fast-and-slow.toml")
+    assert [d.type for d in cluster.devices] == ["fast", "slow", "slow", "slow"]
+    problem = problem_for(cluster, vit_like(), 8)
+    assert segment_seconds(problem, "slow", 8) == pytest.approx(segment_seconds(problem, "fast", 8) * 4)
+    path = tmp_path / "c.toml"
+    path.write_text(textwrap.dedent("""
+        [[type]]
+        name = "board"
+        gflops = 10.0
+        int8_gflops = 15.0
+        [[type]]
+        name = "half"
+        reference = "board"
+        speed = 0.5
+        [[device]]
+        name = "b1"
+        type = "half"
+        memory = "1 GiB"
+        bandwidth = "1 Gbps"
+    """))
+    problem = problem_for(load_cluster(path), vit_like(), 8)
+    assert int8_segment_seconds(problem, "board", 8) == pytest.approx(segment_seconds(problem, "board", 8) / 1.5)
+    assert int8_segment_seconds(problem, "half", 8) == pytest.approx(segment_seconds(problem, "board", 8) / 1.5 * 2)
+
+
+def test_console_for_output_is_wide_when_piped(monkeypatch) -> None:
+    from edgepipe.planner.console import PIPED_WIDTH, console_for_output
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    assert console_for_output().width == PIPED_WIDTH  # pytest captures stdout: not a terminal
+    monkeypatch.setenv("COLUMNS", "100")
+    assert console_for_output().width == 100
