@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -173,8 +173,8 @@ def relaxed_bound(t: Tables) -> float:
     measures = t.measures()
     reaches = [_Reach.of(t, c, v, measures) for c in range(len(t.classes)) for v in range(len(t.variants))]
     groups = [(k.cls, k.replicas) for k in t.kinds]
-    values = np.unique(np.concatenate([
-        *(r.comps / k for r in reaches for c, k in groups if c == r.cls), t.client_in, t.client_out]))
+    values = np.concatenate([*(r.comps / k for r in reaches for c, k in groups if c == r.cls),
+                             t.client_in, t.client_out])
     totals = measures[:, -1]
 
     def feasible(bound: float) -> bool:
@@ -193,16 +193,21 @@ def relaxed_bound(t: Tables) -> float:
         have = t.counts @ capacity
         return first_ok and last_ok and covered.all() and bool((have >= totals * (1 - TOL)).all())
 
-    lo, hi = 0, len(values) - 1
-    if not len(values) or not feasible(values[hi]):
-        return math.inf
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if feasible(values[mid]):
-            hi = mid
+    return _smallest_passing(values, feasible)
+
+
+def _smallest_passing(values: np.ndarray, test: Callable[[float], bool]) -> float:
+    """The smallest of ``values`` (unsorted) that passes a monotone ``test``, inf if none: a binary
+    search by medians, which halves the candidates each step without sorting them all."""
+    values = values[np.isfinite(values)]
+    best = math.inf
+    while len(values):
+        median = float(np.partition(values, len(values) // 2)[len(values) // 2])
+        if test(median):
+            best, values = median, values[values < median]
         else:
-            lo = mid + 1
-    return float(values[lo])
+            values = values[values > median]
+    return best
 
 
 @dataclass(frozen=True)

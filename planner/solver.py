@@ -47,6 +47,7 @@ from .units import format_bytes, format_seconds
 DEFAULT_MAX_EXACT_STATES = 350_000
 DEFAULT_THROUGHPUT_SLACK = 0.01
 BEAM_WIDTH = 256  # rows kept per layer by the heuristic's beam search
+GUESS_ABOVE_BOUND = 1.02  # the first bottleneck programme runs under the lower bound times this
 
 
 class InfeasibleError(ValueError):
@@ -137,13 +138,23 @@ def _fastest(problem: Problem, microbatch: int, method: str, max_exact_states: i
     t = build_tables(problem, microbatch, max_replicas)
     if not t.classes:
         raise InfeasibleError(_why_infeasible(t))
+    lower = relaxed_bound(t)
+    if not t.lossy and method != "heuristic" and math.isfinite(lower):
+        # The relaxed bound is usually within a few per cent of the optimum: the programme under a
+        # bound just above it has narrow bands and needs no heuristic's plan to prune with. It is
+        # exact whenever it finds a plan (nothing faster can exist below the bound).
+        guess = lower * GUESS_ABOVE_BOUND
+        if method == "exact" or lattice_states(_pruned(t, guess)) <= max_exact_states:
+            found = min_bottleneck(t, guess, lower=lower)
+            if math.isfinite(found):
+                return _Fastest(t, found, found, True, None, None)
     # A plain plan (one device per stage, raw, fp32) is within any budget: an upper bound for
     # every step below, and the classes that have no stage within it can be dropped.
     quick = class_orders(t, budget=6)
     upper = quick[0] if quick else math.inf
     exact = method == "exact" or (method == "auto" and lattice_states(_pruned(t, upper)) <= max_exact_states)
     if exact:
-        incumbent, lower = upper, relaxed_bound(t)
+        incumbent = upper
         if lattice_states(_pruned(t, upper)) > 100_000:
             # A tighter incumbent prunes a large programme harder; a narrow beam finds one cheaply
             # (with every lossy option allowed on its own: it bounds the relaxed programme only).
