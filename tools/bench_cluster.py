@@ -93,7 +93,8 @@ def plan_and_run(setup: Setup, label: str, cluster_text: str, solver: str = "our
     loaded = load_model(setup.model)
     spec = spec_for(loaded, candidate_cuts(loaded))
     problem = problem_for(cluster_from_dict(tomllib.loads(cluster_text), str(cluster_path)), spec, setup.microbatch)
-    plan = solve(problem) if solver == "ours" else all_baselines(problem, setup.microbatch)[solver]
+    # One device per stage: run_on_testbed starts one agent per stage (no replicas yet).
+    plan = solve(problem, max_replicas=1) if solver == "ours" else all_baselines(problem, setup.microbatch)[solver]
     predicted = steady_state(problem, plan)
     if not predicted.fits:
         return {"label": label, "solver": solver, "fits": False, "stages": len(plan.stages)}
