@@ -354,19 +354,6 @@ class View:
         hop_out = np.where(end < t.n_segments, t.wire_out_max[y, kind.cls][end], 0.0)
         return (cycle / fewer <= self.theta) & (hop_in / fewer <= self.theta) & (hop_out / fewer <= self.theta)
 
-    def lengths(self, g: int, x: int, y: int, v: int, lo: int, hi: int) -> np.ndarray:
-        """Stage lengths d with a finite ``own`` cell for some start in [lo, hi] (the only d worth
-        a pass of ``advance``; every mode's band is finite only where ``own`` is)."""
-        key = ("cols", g, x, y, v)
-        if key not in self.cache:
-            own = self.own(g, x, y, v)
-            self.cache[key] = np.vstack([np.zeros((1, own.shape[1]), dtype=np.int64),
-                                         np.cumsum(np.isfinite(own), axis=0)])
-        cum = self.cache[key]
-        if hi < lo:
-            return np.zeros(0, dtype=np.int64)
-        return np.flatnonzero(cum[hi + 1] - cum[lo]) + 1
-
     def valid(self, g: int, x: int, y: int, v: int) -> np.ndarray:
         """(S+1, w) bool: where ``own`` is finite."""
         key = ("valid", g, x, y, v)
