@@ -1,9 +1,9 @@
 """The exact programme: a dynamic programme over (segments placed, multiset of classes used, kind
 of the last stage, codec of its output), run in layers of devices used and vectorised over the
-multisets of a layer and over segment positions. ``beam_search`` runs the same programme with each
-layer cut to its most promising rows, for problems too large to solve exactly.
+multisets of a layer and over segment positions. With ``beam`` it keeps only each layer's most
+promising rows, for problems too large to solve exactly (the heuristic's beam search, solver.py).
 
-It runs in one of three modes, which differ only in the value a partial plan carries:
+It runs in one of four modes, which differ only in the value a partial plan carries:
 
 - ``max``: its bottleneck so far (the slowest step): finds the smallest bottleneck;
 - ``err``: its error units so far, with every step over the view's bound removed: finds the least
