@@ -18,7 +18,7 @@ from typing import Any
 import onnx_ir as ir
 from edgepipe.compiler.cuts import Cut, CutError, find_cuts, natural_cuts, resolve_cuts
 from edgepipe.compiler.export import DEFAULT_OPSET, export_model, sha256_files
-from edgepipe.compiler.graph import GraphIndex, index_graph
+from edgepipe.compiler.graph import GraphIndex, index_graph, tidy_shapes
 from edgepipe.compiler.segments import balanced_partition, model_spec
 from edgepipe.compiler.slicing import ModelIdentity, slice_model
 from edgepipe.compiler.verify import DEFAULT_TOLERANCE, Verification, VerificationError, verify_chain
@@ -90,9 +90,11 @@ def load_model(
 
 def _load_ir(path: Path) -> ir.Model:
     try:
-        return ir.load(path)
+        model = ir.load(path)
     except Exception as exc:
         raise CompileError(f"{path}: not a readable ONNX model: {exc}") from exc
+    tidy_shapes(model.graph)
+    return model
 
 
 def _model_files(path: Path, model: ir.Model) -> list[Path]:

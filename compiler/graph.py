@@ -5,16 +5,19 @@ tensor, where it is produced and where it is last used; from those, which tensor
 in front of each node, how many bytes are alive there, and which module the node belongs to.
 "Activation" means a value that depends on a graph input: initializers, Constant outputs and
 anything computed only from them are recomputed inside every stage that needs them, so they never
-cross a cut.
+cross a cut. The same pass records which activations are cheap bookkeeping a later stage can
+rebuild for itself (compiler/derived.py).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
+from edgepipe.compiler.derived import Derivation, derive, model_input
+from edgepipe.compiler.shapes import Dim, dims_of, fold_constant_dims
 
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 
@@ -25,10 +28,14 @@ class GraphIndex:
     produced_at: dict[str, int]  # activation -> index of the producing node (-1: graph input)
     last_used_at: dict[str, int]  # activation -> index of its last consumer (len(nodes): graph output)
     bytes_per_sample: dict[str, int | None]  # activation -> bytes of one sample (None: unknown shape)
-    batched: dict[str, bool]  # activation -> axis 0 is symbolic (a batch axis)
+    batched: dict[str, bool]  # activation -> axis 0 is the model's batch axis
     module_paths: tuple[tuple[str, ...], ...]  # per node: enclosing modules, outermost first
     weight_names: tuple[frozenset[str], ...]  # per node: initializers it reads
     initializer_bytes: dict[str, int]
+    input_names: tuple[str, ...] = ()  # the model's inputs, in order
+    dims: dict[str, tuple[Dim, ...] | None] = field(default_factory=dict)  # activation -> its dimensions
+    batch_dim: Dim = None  # axis 0 of the first model input: a symbol ("batch"), or a fixed batch size
+    derivations: dict[str, Derivation] = field(default_factory=dict)  # activations a stage can rebuild
 
     @property
     def size(self) -> int:
@@ -42,14 +49,21 @@ class GraphIndex:
         )
 
 
+def tidy_shapes(graph: ir.Graph) -> int:
+    """Fold constant symbolic dimensions (``((32*batch)//batch)`` -> 32) everywhere in ``graph``."""
+    return fold_constant_dims([*graph.inputs, *(out for node in graph for out in node.outputs), *graph.outputs])
+
+
 def index_graph(graph: ir.Graph) -> GraphIndex:
     nodes = tuple(graph)
-    input_names = {v.name for v in graph.inputs}
+    input_names = tuple(v.name for v in graph.inputs)
     produced_at: dict[str, int] = {name: -1 for name in input_names}
     last_used_at: dict[str, int] = {}
     values: dict[str, ir.Value] = {v.name: v for v in graph.inputs}
     weight_names: list[frozenset[str]] = []
     initializers = graph.initializers
+    initializer_bytes = {name: tensor_bytes(v) for name, v in initializers.items()}
+    derivations: dict[str, Derivation] = {name: model_input(name) for name in input_names}
 
     for i, node in enumerate(nodes):
         reads = []
@@ -64,23 +78,41 @@ def index_graph(graph: ir.Graph) -> GraphIndex:
                 reads.append(value.name)
         weight_names.append(frozenset(reads))
         if dynamic:
+            derivation = derive(node, i, derivations, produced_at, initializer_bytes)
             for out in node.outputs:
                 produced_at[out.name] = i
                 values[out.name] = out
+                if derivation is not None:
+                    derivations[out.name] = derivation
     for out in graph.outputs:
         if out.name in produced_at:
             last_used_at[out.name] = len(nodes)
 
+    dims = {name: dims_of(v) for name, v in values.items()}
+    first = dims.get(input_names[0]) if input_names else None
+    batch_dim = first[0] if first else None
     return GraphIndex(
         nodes=nodes,
         produced_at=produced_at,
         last_used_at=last_used_at,
         bytes_per_sample={name: value_bytes_per_sample(v) for name, v in values.items()},
-        batched={name: bool(v.shape) and not isinstance(v.shape[0], int) for name, v in values.items()},
+        batched={name: _on_batch_axis(d, batch_dim) for name, d in dims.items()},
         module_paths=tuple(module_path(n) for n in nodes),
         weight_names=tuple(weight_names),
-        initializer_bytes={name: tensor_bytes(v) for name, v in initializers.items()},
+        initializer_bytes=initializer_bytes,
+        input_names=input_names,
+        dims=dims,
+        batch_dim=batch_dim,
+        derivations=derivations,
     )
+
+
+def _on_batch_axis(dims: tuple[Dim, ...] | None, batch_dim: Dim) -> bool:
+    """Axis 0 of a value with ``dims`` is the batch axis: it has the model input's batch dimension.
+    (For a model with a fixed batch size that is a size, so a [1, ...] tensor counts at batch 1.)"""
+    if not dims:
+        return False
+    return dims[0] == batch_dim if batch_dim is not None else not isinstance(dims[0], int)
 
 
 def module_path(node: ir.Node) -> tuple[str, ...]:
