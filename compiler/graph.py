@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
+from edgepipe.agent.formats.bundle import InputValues
 from edgepipe.compiler.derived import Derivation, derive, model_input
-from edgepipe.compiler.shapes import Dim, dims_of, fold_constant_dims
+from edgepipe.compiler.shapes import Dim, dims_of, fold_constant_dims, per_sample_elements
 
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 
@@ -160,16 +161,20 @@ def tensor_bytes(value: ir.Value) -> int:
     return math.prod(value.shape) * dtype_itemsize(value.dtype)
 
 
-def node_flops_per_sample(node: ir.Node) -> float:
+def node_flops_per_sample(node: ir.Node, batch_dim: Dim = "batch") -> float:
     """Rough multiply-add count of one sample: exact for MatMul/Gemm/Conv, one per element otherwise.
 
     Only used to balance stages before anything is measured and for what-if device speeds, so the
-    dominant ops matter and the rest is a rounding error.
+    dominant ops matter and the rest is a rounding error. ``batch_dim`` is the model's batch
+    dimension; outputs whose batch is merged into another axis (``[128*batch, 768]``) count per
+    sample too.
     """
     out = node.outputs[0] if node.outputs else None
-    if out is None or out.shape is None or not all(isinstance(d, int) for d in out.shape[1:]):
+    if out is None:
         return 0.0
-    out_elems = math.prod(out.shape[1:]) if len(out.shape) > 1 else 1
+    out_elems = per_sample_elements(dims_of(out), batch_dim)
+    if out_elems is None:
+        return 0.0
     first = node.inputs[0] if node.inputs else None
     if node.op_type in ("MatMul", "Gemm") and first is not None and first.shape is not None:
         k = first.shape[-1]
@@ -181,3 +186,39 @@ def node_flops_per_sample(node: ir.Node) -> float:
         if weight.shape is not None and all(isinstance(d, int) for d in weight.shape):
             return 2.0 * out_elems * math.prod(weight.shape[1:])
     return float(out_elems)
+
+
+# Ops that pass integer ids through unchanged on their way to an embedding lookup.
+_ID_PASSTHROUGH = frozenset({"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand", "Slice"})
+
+
+def input_values_from_graph(graph: ir.Graph) -> dict[str, InputValues]:
+    """What each model input of an arbitrary ONNX file takes, read from the graph: integer inputs
+    that index an embedding table are ids below its row count, inputs named like a mask are masks,
+    float inputs are real numbers, other integers are taken as 0/1."""
+    found = {}
+    for value in graph.inputs:
+        dtype = numpy_dtype_name(value.dtype) if value.dtype is not None else "float32"
+        if dtype.startswith("float"):
+            found[value.name] = InputValues("real")
+        elif (rows := _embedding_rows(value)) is not None:
+            found[value.name] = InputValues("index", rows)
+        elif "mask" in value.name.lower() or dtype == "bool":
+            found[value.name] = InputValues("mask")
+        else:
+            found[value.name] = InputValues("index", 2)
+    return found
+
+
+def _embedding_rows(value: ir.Value, depth: int = 0) -> int | None:
+    """Rows of the embedding table ``value`` indexes (through id-preserving ops), or None."""
+    for user, slot in value.uses():
+        if user.op_type == "Gather" and slot == 1 and user.inputs[0] is not None:
+            table = user.inputs[0]
+            if table.const_value is not None and table.shape is not None and isinstance(table.shape[0], int):
+                return table.shape[0]
+        if user.op_type in _ID_PASSTHROUGH and slot == 0 and depth < 4:
+            rows = _embedding_rows(user.outputs[0], depth + 1)
+            if rows is not None:
+                return rows
+    return None

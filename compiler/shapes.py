@@ -62,15 +62,49 @@ def constant_value(expression: str) -> int | None:
     return values.pop() if len(values) == 1 else None
 
 
-def _evaluate(node: ast.AST, probe: int) -> int:
+def per_sample_elements(dims: tuple[Dim, ...] | None, batch_dim: Dim) -> int | None:
+    """Elements of one sample of a tensor with ``dims``, wherever the batch is: on axis 0
+    (``[batch, 197, 192]``) or merged into another axis (``[128*batch, 768]``, GPT-2's projections
+    work on tokens of all samples at once). None when another symbol is involved."""
+    if dims is None:
+        return None
+    total = 1
+    for dim in dims:
+        if isinstance(dim, int):
+            total *= dim
+        elif isinstance(dim, str) and batch_dim is not None and isinstance(batch_dim, str):
+            value = _evaluate_with(dim, {batch_dim: 1})
+            if value is None:
+                return None
+            total *= value
+        else:
+            return None
+    if isinstance(batch_dim, int) and dims and dims[0] == batch_dim and batch_dim > 0:
+        total //= batch_dim  # a fixed-batch model: axis 0 holds the whole batch
+    return total
+
+
+def _evaluate_with(expression: str, names: dict[str, int]) -> int | None:
+    try:
+        tree = ast.parse(expression, mode="eval")
+        return _evaluate(tree.body, 0, names)
+    except (SyntaxError, ValueError, ZeroDivisionError):
+        return None
+
+
+def _evaluate(node: ast.AST, probe: int, names: dict[str, int] | None = None) -> int:
     if isinstance(node, ast.Constant) and isinstance(node.value, int) and not isinstance(node.value, bool):
         return node.value
     if isinstance(node, ast.Name):
+        if names is not None:
+            if node.id not in names:
+                raise ValueError(f"unknown symbol {node.id}")
+            return names[node.id]
         return probe
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-        return -_evaluate(node.operand, probe)
+        return -_evaluate(node.operand, probe, names)
     if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
-        return _BINARY[type(node.op)](_evaluate(node.left, probe), _evaluate(node.right, probe))
+        return _BINARY[type(node.op)](_evaluate(node.left, probe, names), _evaluate(node.right, probe, names))
     raise ValueError(f"unsupported expression {ast.dump(node)}")
 
 
