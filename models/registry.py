@@ -32,6 +32,9 @@ SEQUENCE_LENGTH = 128
 CONTAINER_ELEMENTS = r".+\.\d+"
 
 
+REAL = InputValues("real")  # images and other float inputs: any value
+
+
 class ModelError(ValueError):
     """Unknown model name or unusable checkpoint; the message says which and why."""
 
@@ -43,7 +46,7 @@ class ModelInput:
     name: str
     shape: tuple[int, ...]
     dtype: str = "float32"
-    values: InputValues = InputValues("real")
+    values: InputValues = REAL
 
 
 @dataclass(frozen=True)
@@ -88,8 +91,8 @@ def _bert(name: str, description: str, layers: int, hidden: int, heads: int, tes
               ("num_attention_heads", heads), ("intermediate_size", 4 * hidden), ("vocab_size", 30522),
               ("num_labels", 2), ("use_cache", False))
     return ModelEntry(name=name, family="bert", inputs=_text_inputs(30522), source="transformers",
-                      architecture="BertForSequenceClassification", config_class="BertConfig", config=config, description=description,
-                      test_size=test_size)
+                      architecture="BertForSequenceClassification", config_class="BertConfig", config=config,
+                      description=description, test_size=test_size)
 
 
 def _gpt2(name: str, description: str, layers: int, hidden: int, heads: int, test_size: bool = False) -> ModelEntry:
@@ -98,8 +101,8 @@ def _gpt2(name: str, description: str, layers: int, hidden: int, heads: int, tes
     config = (("n_layer", layers), ("n_embd", hidden), ("n_head", heads),
               ("vocab_size", 50257), ("n_positions", 1024), ("use_cache", False))
     return ModelEntry(name=name, family="gpt2", inputs=_text_inputs(50257), source="transformers",
-                      architecture="GPT2LMHeadModel", config_class="GPT2Config", config=config, call=(("logits_to_keep", 1),),
-                      description=description, test_size=test_size)
+                      architecture="GPT2LMHeadModel", config_class="GPT2Config", config=config,
+                      call=(("logits_to_keep", 1),), description=description, test_size=test_size)
 
 
 def _vit(name: str, description: str, family: str = "vit", test_size: bool = False) -> ModelEntry:
