@@ -117,14 +117,16 @@ def _on_batch_axis(dims: tuple[Dim, ...] | None, batch_dim: Dim) -> bool:
 
 
 def module_path(node: ir.Node) -> tuple[str, ...]:
-    """The modules enclosing ``node`` per the exporter's name_scopes metadata, outermost first.
+    """The modules enclosing ``node``, outermost first, from the exporter's metadata.
 
-    The dynamo exporter records ``['', 'blocks', 'blocks.3', 'blocks.3.norm1', 'layer_norm_6']``:
-    the root, the module path, then the node's own FX name, which is dropped here.
+    The dynamo exporter records ``['', 'blocks', 'blocks.3', 'blocks.3.norm1', 'layer_norm_6']`` in
+    name_scopes: the root, the module path, then the node's own FX name, which is dropped here.
+    The legacy TorchScript exporter has no such metadata but names nodes by scope instead
+    (``/layer1/layer1.1/act2/Relu``), which gives ``('layer1', 'layer1.1', 'layer1.1.act2')``.
     """
     raw = node.metadata_props.get(SCOPES_KEY)
     if not raw:
-        return ()
+        return _scopes_from_name(node.name or "")
     try:
         import ast
 
@@ -132,6 +134,17 @@ def module_path(node: ir.Node) -> tuple[str, ...]:
     except (ValueError, SyntaxError):
         return ()
     return tuple(s for s in scopes[:-1] if s)
+
+
+def _scopes_from_name(name: str) -> tuple[str, ...]:
+    if not name.startswith("/"):
+        return ()
+    parts = [p for p in name.split("/")[1:-1] if p]
+    path: list[str] = []
+    for part in parts:
+        parent = path[-1] if path else ""
+        path.append(part if not parent or part.startswith(parent + ".") else f"{parent}.{part}")
+    return tuple(path)
 
 
 def value_bytes_per_sample(value: ir.Value) -> int | None:
