@@ -129,6 +129,8 @@ def compile_command(
             raise CompileError("choose one of --stages, --cuts, --cluster, --plan")
         if model is None and onnx is None:
             raise CompileError("give a model name (see --list-models) or --onnx FILE")
+        if cluster is None and (profile or probe_links or profiles_dir is not None):
+            raise CompileError("--profile, --profiles-dir and --probe-links need --cluster")
         if out is None:
             name = model or (onnx.stem if onnx else "model")
             raise CompileError(f"say where the bundles go: -o DIR (e.g. -o build/{name}); "
