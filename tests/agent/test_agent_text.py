@@ -138,3 +138,17 @@ def test_model_inputs_without_values_default_to_safe_ranges() -> None:
     made = random_inputs(inputs, 3, np.random.default_rng(0))
     assert made["ids"].dtype == np.int64 and set(np.unique(made["ids"])) <= {0, 1}
     assert made["x"].dtype == np.float32 and made["x"].shape == (3, 2)
+
+
+def test_fixed_batch_models_get_their_batch_and_refuse_others() -> None:
+    from edgepipe.agent.client.inputs import InputError, requests_from
+    from edgepipe.agent.formats.bundle import TensorSpec
+
+    fixed = ModelInputs((TensorSpec("x", "float32", (1, 4)),), fixed_batch=1)
+    assert [r["x"].shape for r in requests_from(fixed, None, None, 3)] == [(1, 4)] * 3  # -b defaults to 1
+    with pytest.raises(InputError, match="fixed batch size of 1; use -b 1"):
+        requests_from(fixed, None, 8, 3)
+    data = {"x": np.zeros((3, 4), np.float32)}
+    assert len(requests_from(fixed, data, None, None)) == 3
+    free = ModelInputs((TensorSpec("x", "float32", ("batch", 4)),))
+    assert [r["x"].shape[0] for r in requests_from(free, data, 2, None)] == [2, 1]
