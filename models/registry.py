@@ -75,9 +75,10 @@ class ModelEntry:
 
 
 def _timm(name: str, description: str, family: str, image: int = 224, exporter: str = "dynamo",
-          test_size: bool = False) -> ModelEntry:
+          test_size: bool = False, natural_cuts: str = CONTAINER_ELEMENTS) -> ModelEntry:
     return ModelEntry(name=name, family=family, inputs=(ModelInput("pixels", (3, image, image)),),
-                      architecture=name, exporter=exporter, description=description, test_size=test_size)
+                      architecture=name, exporter=exporter, description=description, test_size=test_size,
+                      natural_cuts=natural_cuts)
 
 
 def _text_inputs(vocab: int) -> tuple[ModelInput, ...]:
@@ -126,7 +127,7 @@ _ENTRIES: tuple[ModelEntry, ...] = (
     _timm("convnext_tiny", "ConvNeXt-T, 28.6 M params", "cnn"),
     _timm("efficientnet_b0", "EfficientNet-B0, 5.3 M params", "cnn"),
     _timm("mobilenetv3_large_100", "MobileNetV3-Large, 5.5 M params", "cnn"),
-    _timm("regnety_016", "RegNetY-1.6GF, 11.2 M params", "cnn"),
+    _timm("regnety_016", "RegNetY-1.6GF, 11.2 M params", "cnn", natural_cuts=r"s\d+(\.b\d+)?"),  # s3, s3.b7
     _bert("bert_tiny", "BERT-Tiny (L=2, H=128), 4.4 M params, seq 128 (tests)", 2, 128, 2, test_size=True),
     _bert("bert_base", "BERT-Base, 109 M params, 12 layers x 768, seq 128", 12, 768, 12),
     _bert("bert_large", "BERT-Large, 335 M params, 24 layers x 1024, seq 128", 24, 1024, 16),
