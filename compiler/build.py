@@ -91,8 +91,8 @@ def load_model(
         path = Path(onnx)
         if not path.is_file():
             raise CompileError(f"ONNX file {path} does not exist")
-        loaded = _load_ir(path)
-        loaded = _with_shapes(loaded, path)
+        loaded = _with_shapes(_load_ir(path), path)
+        tidy_shapes(loaded.graph)  # exporters leave constant dimension expressions like (32*n)//n
         identity = ModelIdentity(path.stem, sha256_files(_model_files(path, loaded)), {"source": "onnx"},
                                  input_values_from_graph(loaded.graph))
         return LoadedModel(loaded, path, identity, index_graph(loaded.graph), None, False, source="onnx")
@@ -101,7 +101,7 @@ def load_model(
     if progress:
         progress(f"exporting {entry.name}", 0.0)
     exported = export_model(entry, checkpoint=checkpoint, opset=opset)
-    loaded = _load_ir(exported.path)
+    loaded = _load_ir(exported.path)  # tidied when exported
     identity = ModelIdentity(entry.name, exported.model_sha256, exported.settings, entry.input_values)
     return LoadedModel(loaded, exported.path, identity, index_graph(loaded.graph), entry.natural_cuts,
                        exported.cached, source="export", exporter=exported.settings["exporter"])
@@ -112,7 +112,6 @@ def _load_ir(path: Path) -> ir.Model:
         model = ir.load(path)
     except Exception as exc:
         raise CompileError(f"{path}: not a readable ONNX model: {exc}") from exc
-    tidy_shapes(model.graph)
     return model
 
 
