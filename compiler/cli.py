@@ -183,11 +183,11 @@ def _print_models(as_json: bool) -> None:
                            "description": e.description} for e in REGISTRY.values()], indent=2))
         return
     table = Table(title="Models (random weights unless --checkpoint)")
-    for col in ("name", "family", "source", "inputs", "description"):
+    for col in ("name", "family", "source", "exporter", "inputs", "description"):
         table.add_column(col)
     for e in REGISTRY.values():
         inputs = ", ".join(f"{i.name} {'x'.join(map(str, i.shape))}" for i in e.inputs)
-        table.add_row(e.name, e.family, e.source, inputs, e.description)
+        table.add_row(e.name, e.family, e.source, e.exporter, inputs, e.description)
     console.print(table)
 
 

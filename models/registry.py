@@ -67,7 +67,6 @@ class ModelEntry:
     # when the user asks for N stages without a plan.
     natural_cuts: str = CONTAINER_ELEMENTS
     description: str = ""
-    test_size: bool = False  # a small configuration for tests
 
     @property
     def input_values(self) -> dict[str, InputValues]:
@@ -75,9 +74,9 @@ class ModelEntry:
 
 
 def _timm(name: str, description: str, family: str, image: int = 224, exporter: str = "dynamo",
-          test_size: bool = False, natural_cuts: str = CONTAINER_ELEMENTS) -> ModelEntry:
+          natural_cuts: str = CONTAINER_ELEMENTS) -> ModelEntry:
     return ModelEntry(name=name, family=family, inputs=(ModelInput("pixels", (3, image, image)),),
-                      architecture=name, exporter=exporter, description=description, test_size=test_size,
+                      architecture=name, exporter=exporter, description=description,
                       natural_cuts=natural_cuts)
 
 
@@ -86,32 +85,32 @@ def _text_inputs(vocab: int) -> tuple[ModelInput, ...]:
             ModelInput("attention_mask", (SEQUENCE_LENGTH,), "int64", InputValues("mask")))
 
 
-def _bert(name: str, description: str, layers: int, hidden: int, heads: int, test_size: bool = False) -> ModelEntry:
+def _bert(name: str, description: str, layers: int, hidden: int, heads: int) -> ModelEntry:
     # Sequence classification (two labels) like PipeEdge's BERT; vocabulary of bert-base-uncased.
     config = (("num_hidden_layers", layers), ("hidden_size", hidden),
               ("num_attention_heads", heads), ("intermediate_size", 4 * hidden), ("vocab_size", 30522),
               ("num_labels", 2), ("use_cache", False))
     return ModelEntry(name=name, family="bert", inputs=_text_inputs(30522), source="transformers",
                       architecture="BertForSequenceClassification", config_class="BertConfig", config=config,
-                      description=description, test_size=test_size)
+                      description=description)
 
 
-def _gpt2(name: str, description: str, layers: int, hidden: int, heads: int, test_size: bool = False) -> ModelEntry:
+def _gpt2(name: str, description: str, layers: int, hidden: int, heads: int) -> ModelEntry:
     # Next-token logits for the last position only (logits_to_keep=1): what generation needs from a
     # prompt, without 128 x 50257 logits per sample on the wire back to the client.
     config = (("n_layer", layers), ("n_embd", hidden), ("n_head", heads),
               ("vocab_size", 50257), ("n_positions", 1024), ("use_cache", False))
     return ModelEntry(name=name, family="gpt2", inputs=_text_inputs(50257), source="transformers",
                       architecture="GPT2LMHeadModel", config_class="GPT2Config", config=config,
-                      call=(("logits_to_keep", 1),), description=description, test_size=test_size)
+                      call=(("logits_to_keep", 1),), description=description)
 
 
-def _vit(name: str, description: str, family: str = "vit", test_size: bool = False) -> ModelEntry:
-    return _timm(name, description, family, test_size=test_size)
+def _vit(name: str, description: str, family: str = "vit") -> ModelEntry:
+    return _timm(name, description, family)
 
 
 _ENTRIES: tuple[ModelEntry, ...] = (
-    _vit("vit_tiny_patch16_224", "ViT-Ti/16, 5.7 M params, 12 blocks x 192 (tests)", test_size=True),
+    _vit("vit_tiny_patch16_224", "ViT-Ti/16, 5.7 M params, 12 blocks x 192 (tests)"),
     _vit("vit_small_patch16_224", "ViT-S/16, 22 M params, 12 blocks x 384"),
     _vit("vit_base_patch16_224", "ViT-B/16, 86 M params, 12 blocks x 768"),
     _vit("vit_large_patch16_224", "ViT-L/16, 304 M params, 24 blocks x 1024"),
@@ -122,16 +121,16 @@ _ENTRIES: tuple[ModelEntry, ...] = (
     _timm("swin_tiny_patch4_window7_224", "Swin-T, 28 M params, 4 stages of windowed attention", "swin"),
     _timm("resnet18", "ResNet-18, 11.7 M params", "cnn"),
     _timm("resnet50", "ResNet-50, 25.6 M params", "cnn"),
-    _timm("resnet10t", "ResNet-10-T, 5.4 M params (tests)", "cnn", test_size=True),
-    _timm("convnext_atto", "ConvNeXt-Atto, 3.7 M params (tests)", "cnn", test_size=True),
+    _timm("resnet10t", "ResNet-10-T, 5.4 M params (tests)", "cnn"),
+    _timm("convnext_atto", "ConvNeXt-Atto, 3.7 M params (tests)", "cnn"),
     _timm("convnext_tiny", "ConvNeXt-T, 28.6 M params", "cnn"),
     _timm("efficientnet_b0", "EfficientNet-B0, 5.3 M params", "cnn"),
     _timm("mobilenetv3_large_100", "MobileNetV3-Large, 5.5 M params", "cnn"),
     _timm("regnety_016", "RegNetY-1.6GF, 11.2 M params", "cnn", natural_cuts=r"s\d+(\.b\d+)?"),  # s3, s3.b7
-    _bert("bert_tiny", "BERT-Tiny (L=2, H=128), 4.4 M params, seq 128 (tests)", 2, 128, 2, test_size=True),
+    _bert("bert_tiny", "BERT-Tiny (L=2, H=128), 4.4 M params, seq 128 (tests)", 2, 128, 2),
     _bert("bert_base", "BERT-Base, 109 M params, 12 layers x 768, seq 128", 12, 768, 12),
     _bert("bert_large", "BERT-Large, 335 M params, 24 layers x 1024, seq 128", 24, 1024, 16),
-    _gpt2("gpt2_tiny", "GPT-2 with 2 layers x 128, 6.7 M params, seq 128 (tests)", 2, 128, 2, test_size=True),
+    _gpt2("gpt2_tiny", "GPT-2 with 2 layers x 128, 6.7 M params, seq 128 (tests)", 2, 128, 2),
     _gpt2("gpt2", "GPT-2 small, 124 M params, 12 layers x 768, seq 128", 12, 768, 12),
     _gpt2("gpt2_medium", "GPT-2 medium, 355 M params, 24 layers x 1024, seq 128", 24, 1024, 16),
     _gpt2("gpt2_large", "GPT-2 large, 774 M params, 36 layers x 1280, seq 128", 36, 1280, 20),
