@@ -310,7 +310,8 @@ def write_summary(result: CompileResult) -> Path:
 def cut_summary(cut: Cut) -> dict[str, Any]:
     """A cut as compile.json and --list-cuts --json describe it."""
     return {"label": cut.label, "position": cut.position, "tensors": list(cut.tensors),
-            "forwarded": list(cut.forwarded), "rebuilt": list(cut.rebuilt), "bytes_per_sample": cut.bytes_per_sample}
+            "forwarded": list(cut.forwarded), "rebuilt": list(cut.rebuilt), "bytes_per_sample": cut.bytes_per_sample,
+            "rebuilt_bytes_per_sample": cut.rebuilt_bytes_per_sample}
 
 
 __all__ = ["CompileError", "CompileResult", "CutError", "VerificationError", "compile_model", "load_model"]

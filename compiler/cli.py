@@ -365,9 +365,11 @@ def _print_result(result: CompileResult) -> None:
     console.print(table)
     for cut in result.cuts:
         if cut.rebuilt:
-            inputs = f"from forwarded {', '.join(cut.forwarded)} and " if cut.forwarded else "from "
-            console.print(f"cut {cut.label}: the next stage rebuilds {len(cut.rebuilt)} value(s) (masks, shapes) "
-                          f"{inputs}the received tensor's shape instead of receiving them", highlight=False)
+            names = ", ".join(cut.rebuilt[:3]) + (f" and {len(cut.rebuilt) - 3} more" if len(cut.rebuilt) > 3 else "")
+            source = f"the forwarded {', '.join(cut.forwarded)}" if cut.forwarded else "the received tensor's shape"
+            saved = (f"instead of receiving {_size(cut.rebuilt_bytes_per_sample)}/sample"
+                     if cut.rebuilt_bytes_per_sample else "(shape values without a batch axis cannot be sent)")
+            console.print(f"cut {cut.label}: the next stage rebuilds {names} from {source} {saved}", highlight=False)
     if result.source == "onnx":
         console.print(f"model {result.model_path} (ONNX file, sha256 {result.model_sha256[:12]})")
     else:

@@ -54,6 +54,7 @@ class Cut:
     bytes_per_sample: int | None  # what one sample costs on the wire, forwarded inputs included (None: unknown)
     forwarded: tuple[str, ...] = ()  # model inputs sent along so later stages can rebuild values from them
     rebuilt: tuple[str, ...] = ()  # values the stage after recomputes instead of receiving them
+    rebuilt_bytes_per_sample: int = 0  # what sending the rebuilt values would have cost (known sizes)
 
     @property
     def sent(self) -> tuple[str, ...]:
@@ -100,7 +101,8 @@ def find_cuts(index: GraphIndex, max_tensors: int = 1) -> list[Cut]:
 def make_cut(index: GraphIndex, position: int, label: str, crossing: Crossing) -> Cut:
     return Cut(position=position, label=label, tensors=crossing.tensors,
                bytes_per_sample=_sum_bytes(index, crossing.tensors + crossing.forwarded),
-               forwarded=crossing.forwarded, rebuilt=crossing.rebuilt)
+               forwarded=crossing.forwarded, rebuilt=crossing.rebuilt,
+               rebuilt_bytes_per_sample=sum(index.bytes_per_sample.get(v) or 0 for v in crossing.rebuilt))
 
 
 def _is_stage_boundary(index: GraphIndex, tensors: tuple[str, ...], max_tensors: int) -> bool:
