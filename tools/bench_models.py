@@ -100,6 +100,25 @@ def markdown(rows: list[dict], meta: dict) -> str:
             f"Date: {meta['date']}. Load average before the run: {meta['load_before']}.\n")
 
 
+def run_all(specs: list[str], stages: int, cache_dir: Path) -> list[dict]:
+    """Measure each model in its own process, exporting into ``cache_dir``."""
+    env = {**os.environ, "EDGEPIPE_CACHE": str(cache_dir)}
+    console = Console(stderr=True)
+    rows: list[dict] = []
+    for spec in specs:
+        with tempfile.TemporaryDirectory(prefix="bench-models-") as out:
+            console.print(f"{spec} ...", highlight=False)
+            proc = subprocess.run([sys.executable, __file__, "--child", f"{spec}|{stages}|{out}"],
+                                  capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
+            console.print(f"[red]{spec} failed:[/red] {tail}", highlight=False)
+            rows.append({"model": spec, "error": tail})
+            continue
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return rows
+
+
 @app.command()
 def main(
     models: Annotated[str, typer.Option(help="Comma-separated registry names (NAME@torchscript: legacy exporter).")]
@@ -119,22 +138,8 @@ def main(
     from edgepipe.agent.device.profiler import host_facts
 
     load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    env = dict(os.environ)
-    cache_dir = Path(cache) if cache else Path(tempfile.mkdtemp(prefix="bench-models-cache-"))
-    env["EDGEPIPE_CACHE"] = str(cache_dir)
-    rows = []
-    console = Console(stderr=True)
-    for spec in models.split(","):
-        with tempfile.TemporaryDirectory(prefix="bench-models-") as out:
-            console.print(f"{spec} ...", highlight=False)
-            proc = subprocess.run([sys.executable, __file__, "--child", f"{spec}|{stages}|{out}"],
-                                  capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
-            console.print(f"[red]{spec} failed:[/red] {tail}", highlight=False)
-            rows.append({"model": spec, "error": tail})
-            continue
-        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    with tempfile.TemporaryDirectory(prefix="bench-models-cache-") as scratch:  # GBs of exports: not kept
+        rows = run_all(models.split(","), stages, Path(cache) if cache else Path(scratch))
     facts = host_facts()
     meta = {
         "machine": f"{os.cpu_count()} vCPU {facts['cpu']}, {platform.machine()}, Python {platform.python_version()}",
