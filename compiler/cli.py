@@ -185,7 +185,7 @@ def _plan_for_cluster(model, onnx, checkpoint, opset, cluster_path, microbatch, 
                       problem_out, quiet, *, profile=False, profiles_dir=None, profile_threads=1, probe=False):
     import dataclasses
 
-    from edgepipe.compiler.planning import apply_profiles, load_device_profiles, usable_devices
+    from edgepipe.compiler.planning import apply_profiles, load_device_profiles, profile_warnings, usable_devices
     from edgepipe.planner.baselines import all_baselines
     from edgepipe.planner.cluster import load_cluster, problem_for
     from edgepipe.planner.explain import explain
@@ -211,6 +211,8 @@ def _plan_for_cluster(model, onnx, checkpoint, opset, cluster_path, microbatch, 
         missing.update({d: f"profile has no timings at microbatch {microbatch}" for d in short})
         profiles = [p for p in profiles if p.device not in short]
         cluster = apply_profiles(cluster, profiles)
+        for line in profile_warnings(profiles, microbatch):
+            err.print(f"[yellow]warning:[/yellow] {line}", highlight=False)
         cluster, left_out = usable_devices(cluster, microbatch)
         _print_profile_sources(cluster, profiles, missing, left_out, quiet)
     if probe:

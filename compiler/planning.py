@@ -1,9 +1,10 @@
 """Join a model's segments, a cluster file and measured device profiles into a plan.
 
 The planner is pure and knows nothing of files the devices wrote; this is where measured
-profiles (``edgepipe-agent profile``, one per device) become per-type compute times. Devices of one
-declared type are meant to be alike; the type's time per segment is the median over its profiled
-devices, so one noisy device does not skew the rest.
+profiles (``edgepipe-agent profile``, one per device) become per-type compute times and (once the
+planner's device types have the fields) communication costs. Devices of one declared type are
+meant to be alike; the type's time per segment is the median over its profiled devices, so one
+noisy device does not skew the rest.
 """
 
 from __future__ import annotations
@@ -68,8 +69,46 @@ def apply_profiles(cluster: Cluster, profiles: list[DeviceProfile]) -> Cluster:
                       for i in range(len(measured[0].segment_names)))
             for mb in sorted(sizes)
         }
-        types.append(dataclasses.replace(device_type, profiles=table))
+        types.append(dataclasses.replace(device_type, profiles=table, **comm_fields(device_type, measured)))
     return dataclasses.replace(cluster, device_types=tuple(types))
+
+
+def comm_fields(device_type: object, profiles: list[DeviceProfile]) -> dict[str, object]:
+    """The planner's communication fields for a type, from its devices' profiles: per (codec,
+    security) the median of each coefficient, and the median share. Empty when the planner's
+    DeviceType has no such fields yet (planner v1) or no profile measured them."""
+    names = {f.name for f in dataclasses.fields(device_type)}  # type: ignore[arg-type]
+    measured = [p.comm for p in profiles if p.comm is not None]
+    if not measured or not {"comm", "comm_share"} <= names:
+        return {}
+    from edgepipe.planner import problem as planner_problem
+
+    make = getattr(planner_problem, "CommCost", None)
+    if make is None:
+        return {}
+    keys = sorted({(c.codec, c.secure) for m in measured for c in m.costs})
+    costs = []
+    for codec, secure in keys:
+        found = [c for m in measured if (c := m.cost(codec, secure)) is not None]
+        costs.append(make(codec=codec, secure=secure,
+                          **{k: statistics.median(getattr(c, k) for c in found) for k in COMM_COEFFICIENTS}))
+    return {"comm": tuple(costs), "comm_share": statistics.median(m.share for m in measured)}
+
+
+COMM_COEFFICIENTS = ("recv_per_message_s", "recv_per_byte_s", "send_per_message_s", "send_per_byte_s")
+
+
+def profile_warnings(profiles: list[DeviceProfile], microbatch: int) -> list[str]:
+    """One line per profile too noisy to plan on (see profiler.spread_warning), and per profile
+    without communication costs (version 1: the planner then treats moving tensors as free)."""
+    from edgepipe.agent.device.profiler import spread_warning
+
+    lines = [w for p in profiles if (w := spread_warning(p, microbatch))]
+    old = sorted(p.device for p in profiles if p.comm is None)
+    if old:
+        lines.append(f"{', '.join(old)}: profile has no communication costs (format version 1 or --no-comm); "
+                     f"re-profile with --profile to include them")
+    return lines
 
 
 def usable_devices(cluster: Cluster, microbatch: int) -> tuple[Cluster, dict[str, str]]:

@@ -18,7 +18,14 @@ from pathlib import Path
 
 from edgepipe.agent.control_client import request_probe, request_profile, request_status
 from edgepipe.agent.formats.control import ControlError
-from edgepipe.agent.formats.profiles import DeviceProfile, ProfileError, load_profile, load_profile_bundle, save_profile
+from edgepipe.agent.formats.profiles import (
+    PROFILE_VERSION,
+    DeviceProfile,
+    ProfileError,
+    load_profile,
+    load_profile_bundle,
+    save_profile,
+)
 from edgepipe.compiler.planning import profile_path
 from edgepipe.planner.cluster import Cluster
 from edgepipe.planner.problem import Device, Link
@@ -60,7 +67,7 @@ def profile_device(device: Device, bundle_dir: Path, out_dir: Path, microbatches
         if path.is_file():
             try:
                 stored = load_profile(path)
-                if stored.key() == want:
+                if stored.key() == want and stored.format_version == PROFILE_VERSION:  # v1: no comm costs
                     return DeviceOutcome(device.name, stored, "reused")
             except ProfileError:
                 pass  # unreadable or foreign: measure again and overwrite
