@@ -177,7 +177,7 @@ def save_profile(path: Path, profile: DeviceProfile) -> Path:
 
 
 def load_profile(path: Path | str) -> DeviceProfile:
-    return profile_from_dict(_read_json(Path(path), PROFILE_FORMAT, READABLE_PROFILE_VERSIONS), str(path))
+    return profile_from_dict(_read_json(Path(path), PROFILE_FORMAT, None), str(path))  # version checked there
 
 
 def profile_from_dict(raw: Any, path: str = "profile") -> DeviceProfile:
@@ -261,7 +261,8 @@ def check_profile_matches(profile: DeviceProfile, *, model_sha256: str, device: 
                            f"the device now runs {ort_version}; re-profile")
 
 
-def _read_json(path: Path, expected_format: str, versions: tuple[int, ...] = (FORMAT_VERSION,)) -> dict[str, Any]:
+def _read_json(path: Path, expected_format: str,
+               versions: tuple[int, ...] | None = (FORMAT_VERSION,)) -> dict[str, Any]:
     if not path.is_file():
         raise ProfileError(f"{path}: missing")
     try:
@@ -270,7 +271,7 @@ def _read_json(path: Path, expected_format: str, versions: tuple[int, ...] = (FO
         raise ProfileError(f"{path}: unreadable: {exc}") from exc
     if not isinstance(raw, dict) or raw.get("format") != expected_format:
         raise ProfileError(f"{path}: not an {expected_format} file")
-    if raw.get("format_version") not in versions:
+    if versions is not None and raw.get("format_version") not in versions:
         raise ProfileError(f"{path}: format version {raw.get('format_version')} is not supported "
                            f"(supports {', '.join(map(str, versions))})")
     return raw
