@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -276,6 +277,44 @@ def control_cmd(
         run_control(config, stop)
     except (TransportError, OSError) as exc:
         raise _fail(str(exc)) from None
+
+
+@app.command("metrics")
+def metrics_cmd(
+    control: str = typer.Option(..., "--control", help="The stage's control endpoint (serve --control), "
+                                "e.g. tcp://127.0.0.1:5560."),
+    listen: str = typer.Option("127.0.0.1:9101", "--listen", help="HOST:PORT to serve /metrics on."),
+    ready_file: Path | None = typer.Option(None, "--ready-file", help="Write {pid, url} JSON once serving."),
+) -> None:
+    """Serve a stage's counters in the Prometheus text format (needs: pip install 'edgepipe[metrics]').
+
+    At every scrape the stage's control endpoint is asked for its status; requests, errors, queue
+    depth, busy fraction and bytes in/out are published with the labels stage, device and model.
+    edgepipe_up is 0 while the stage does not answer. Runs until SIGTERM/SIGINT.
+
+    Example: edgepipe-agent metrics --control tcp://127.0.0.1:5560 --listen 0.0.0.0:9101
+    """
+    from edgepipe.agent.device.metrics import MetricsUnavailable, serve_metrics
+
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise _fail(f"--listen {listen!r}: expected HOST:PORT, e.g. 0.0.0.0:9101")
+    try:
+        server, _thread = serve_metrics(control, host, int(port))
+    except MetricsUnavailable as exc:
+        raise _fail(str(exc)) from None
+    except OSError as exc:
+        raise _fail(f"--listen {listen}: {exc.strerror or exc}") from None
+    url = f"http://{host}:{server.server_address[1]}/metrics"
+    if ready_file is not None:
+        ready_file.write_text(json.dumps({"pid": os.getpid(), "url": url}))
+    typer.echo(f"serving {url} for {control}", err=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass
+    server.shutdown()
 
 
 @app.command("keygen")

@@ -4,6 +4,7 @@ alignment puts skewed device clocks back in causal order; tools/plot_trace.py dr
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -75,12 +76,12 @@ def test_trace_has_one_track_per_stage_and_every_microbatch_in_order(traced: Pat
         assert all(sorted(v) == seqs for v in by_kind.values())
         for mb in seqs:
             chain = [by_kind[k][mb] for k in ("receive", "wait", "compute", "send")]
-            for before, after in zip(chain, chain[1:]):
+            for before, after in itertools.pairwise(chain):
                 assert before["ts"] + before["dur"] <= after["ts"] + 1.0  # µs; rounding only
         computes = [by_kind["compute"][mb] for mb in seqs]  # one compute thread: in order, no overlap
-        for a, b in zip(computes, computes[1:]):
+        for a, b in itertools.pairwise(computes):
             assert a["ts"] + a["dur"] <= b["ts"] + 1.0
-    for upstream, downstream in zip(stage_tracks, stage_tracks[1:]):  # a microbatch moves down in order
+    for upstream, downstream in itertools.pairwise(stage_tracks):  # a microbatch moves down in order
         for mb in seqs:
             sent = {e["args"]["microbatch"]: e for e in events[upstream]["send"]}[mb]
             received = {e["args"]["microbatch"]: e for e in events[downstream]["receive"]}[mb]
@@ -134,7 +135,7 @@ def test_alignment_keeps_consistent_clocks_and_repairs_skewed_ones() -> None:
     for pid in (1, 2, 3):
         assert all(e["dur"] >= 0 for kind in events[pid].values() for e in kind)
     stage_computes = [sorted(e["ts"] for e in events[pid]["compute"]) for pid in (1, 2, 3)]
-    for a, b in zip(stage_computes, stage_computes[1:]):  # each microbatch computes later downstream
+    for a, b in itertools.pairwise(stage_computes):  # each microbatch computes later downstream
         assert all(x < y for x, y in zip(a, b))
 
 
