@@ -3,7 +3,7 @@
 ``edgepipe-agent metrics --control tcp://127.0.0.1:5560 --listen 0.0.0.0:9101`` serves the
 Prometheus text format at ``http://HOST:9101/metrics``. At every scrape it asks the stage's control
 endpoint (``edgepipe-agent serve ... --control``, or the device daemon) for ``status`` and publishes
-the ``stage`` counters of the reply (field list in docs/operations.md, "Metrics"); nothing is kept
+the ``stage`` counters of the reply (field list in docs/profiling.md, "Counters"); nothing is kept
 between scrapes, so the exporter can restart at any time and a restarted stage's counters start
 again from zero, as Prometheus counters may. It runs as its own small process beside the stage, so
 the stage never imports prometheus_client and a device that does not want metrics installs nothing.

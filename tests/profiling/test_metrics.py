@@ -15,7 +15,7 @@ from edgepipe.agent.device.metrics import render
 from edgepipe.agent.local import LocalPipeline
 from profiling_testlib import BIN, TINY, cli, dead_endpoint
 
-STATUS = {  # a status reply with the `stage` field as docs/operations.md lists it
+STATUS = {  # a status reply with the `stage` field as the data plane defines it (docs/profiling.md)
     "device": "pi-a", "ort_version": "1.32.0",
     "stage": {"stage_index": 1, "stage_count": 3, "model_id": "vit", "device": "pi-a", "role": "middle",
               "codec": "fp16", "secure": True, "incarnation": "ab12", "deployment": "d", "generation": 2,
