@@ -327,7 +327,10 @@ def _peer_main() -> None:
                 return  # stdin closed: the measuring process is done
             for sock, _ in poller.poll(200):
                 name = next(k for k, s in socks.items() if s is sock)
-                frames = sock.recv_multipart(copy=False)
+                try:  # never block: a socket can be reported readable with nothing to read yet
+                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)  # (seen on CURVE sockets)
+                except zmq.Again:
+                    continue
                 out = back[name.split("_")[0]]
                 if name.endswith("_echo"):
                     out.send_multipart(frames, copy=False)
