@@ -189,9 +189,16 @@ def _flush(channel: _Channel) -> float:
 
 
 def _recv(sock: zmq.Socket) -> list[zmq.Frame]:
-    if not sock.poll(int(PEER_TIMEOUT_S * 1000)):
-        raise CommError(f"the loopback peer sent nothing for {PEER_TIMEOUT_S:.0f} s")
-    return recv_frames(sock, 4)
+    """The next message, waiting at most PEER_TIMEOUT_S; polls then takes it without blocking,
+    since a socket can be reported readable before anything can be read (seen with CURVE)."""
+    deadline = time.monotonic() + PEER_TIMEOUT_S
+    while (left := deadline - time.monotonic()) > 0:
+        if sock.poll(int(left * 1000) + 1):
+            try:
+                return recv_frames(sock, 4, zmq.NOBLOCK)
+            except zmq.Again:
+                continue
+    raise CommError(f"the loopback peer sent nothing for {PEER_TIMEOUT_S:.0f} s")
 
 
 def _share(channel: _Channel, compute: Callable[[], None], large: np.ndarray,
