@@ -96,7 +96,7 @@ def client_times(result: Any, handed_at: float | None = None) -> ClientTimes | N
     them; otherwise derived from the time it was handed over (``handed_at``, an upper bound of
     the arrival) and its latency."""
     sent, received = getattr(result, "sent_at", None), getattr(result, "received_at", None)
-    if sent is not None and received is not None:
+    if sent and received:  # 0.0: not recorded
         return ClientTimes(float(sent), float(received))
     if handed_at is None:
         return None
