@@ -247,18 +247,36 @@ def hetero(setup: Setup) -> list[dict[str, Any]]:
 
 
 def bandwidth(setup: Setup, rates: list[str]) -> list[dict[str, Any]]:
+    """The same 4 devices at each rate. They are profiled once, on 1 Gbps links: compute does not
+    depend on the link, and a control request carrying the profiling bundle (~35 MB for ViT-B) over
+    a 5 Mbps link would take a minute (links are the planner's configured rates, as before)."""
+    cpu = 0.5
+
+    def cluster_text(rate: str) -> str:
+        devices = "".join(device_toml(f"d{i}", "board", cpu, "2 GiB", rate) for i in range(4))
+        return f'[cluster]\nname = "bw"\nclient_bandwidth = "{rate}"\n' + type_toml("board") + devices
+
+    bed, path = on_testbed(setup, "bw-profile", cluster_text("1 Gbps"))
+    console.print("[bandwidth] profiling 4 devices x 0.5 core on 1 Gbps links")
+    with bed:
+        _, profiles = profile_devices(setup, bed, path, setup.out / "bw-profile")
     rows = []
     for rate in rates:
-        cpu = 0.5
-        devices = "".join(device_toml(f"d{i}", "board", cpu, "2 GiB", rate) for i in range(4))
         label = f"bw-{rate.replace(' ', '')}"
-        bed, path = on_testbed(setup, label, f'[cluster]\nname = "bw"\nclient_bandwidth = "{rate}"\n'
-                               + type_toml("board") + devices)
+        bed, path = on_testbed(setup, label, cluster_text(rate))
         console.print(f"[{label}] 4 devices x 0.5 core at {rate}")
         with bed:
-            cluster, profiles = profile_devices(setup, bed, path, setup.out / label)
+            cluster = measured_cluster(path, list(profiles.values()))
             rows.append({"bandwidth": rate, **plan_and_run(setup, bed, label, cluster, profiles)})
     return rows
+
+
+def measured_cluster(cluster_path: Path, profiles: list[Any]) -> Any:
+    """The planner's cluster of ``cluster_path`` with compute times from ``profiles``."""
+    from edgepipe.compiler.planning import apply_profiles
+    from edgepipe.planner.cluster import load_cluster
+
+    return apply_profiles(load_cluster(cluster_path), profiles)
 
 
 def _setup(model: str, microbatch: int, count: int, out: Path, profile_mode: str, rounds: int,
@@ -404,11 +422,23 @@ def bandwidth_cmd(model: ModelOpt = "vit_base_patch16_224", microbatch: MbOpt = 
 def all_cmd(model: ModelOpt = "vit_base_patch16_224", microbatch: MbOpt = 4, count: CountOpt = 6,
             out: OutOpt = Path("build/bench-cluster"), as_json: JsonOpt = None,
             profile_mode: ModeOpt = "parallel", rounds: RoundsOpt = 5, traces: TracesOpt = None) -> None:
-    """Scaling, heterogeneity and bandwidth in one run."""
+    """Scaling, heterogeneity and bandwidth in one run (the JSON is rewritten after each part, so a
+    failing part keeps the others' results; its error is recorded under "errors")."""
     load = os.getloadavg()[0]
     setup = _setup(model, microbatch, count, out, profile_mode, rounds, traces)
-    _finish(as_json, setup, {"scaling": scaling(setup, [1, 2, 4, 8]), "hetero": hetero(setup),
-                             "bandwidth": bandwidth(setup, ["1 Gbps", "100 Mbps", "20 Mbps", "5 Mbps"])}, load)
+    results: dict[str, Any] = {}
+    parts = (("scaling", lambda: scaling(setup, [1, 2, 4, 8])), ("hetero", lambda: hetero(setup)),
+             ("bandwidth", lambda: bandwidth(setup, ["1 Gbps", "100 Mbps", "20 Mbps", "5 Mbps"])))
+    for name, part in parts:
+        try:
+            results[name] = part()
+        except Exception as exc:  # keep the other parts: record and go on
+            console.print(f"error in {name}: {type(exc).__name__}: {exc}")
+            results.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"
+        if as_json:
+            as_json.parent.mkdir(parents=True, exist_ok=True)
+            as_json.write_text(json.dumps(results, indent=2, default=str))
+    _finish(as_json, setup, results, load)
 
 
 if __name__ == "__main__":
