@@ -59,6 +59,7 @@ class ClientTimes:
 
     sent: float
     received: float
+    exact: bool = True  # False: derived from when the result was handed over (see client_times)
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ def client_times(result: Any, handed_at: float | None = None) -> ClientTimes | N
         return ClientTimes(float(sent), float(received))
     if handed_at is None:
         return None
-    return ClientTimes(handed_at - float(result.latency_s), handed_at)
+    return ClientTimes(handed_at - float(result.latency_s), handed_at, exact=False)
 
 
 def run_from_results(results: Sequence[Any], batch: int, handed_at: Sequence[float] | None = None,
@@ -124,7 +125,8 @@ def align(run: Run) -> Alignment:
     complete = [m for m in run.microbatches if len(m.stages) == n]
     if n == 0 or not complete:
         return Alignment((0.0,) * n, AS_RECORDED)
-    with_client = [m for m in complete if m.client is not None]
+    # derived client times are too loose to test the stages' clocks against
+    with_client = [m for m in complete if m.client is not None and m.client.exact]
     # lower bound of offset(k) - offset(k-1) (for k = 0: of offset(0) against the client)
     bounds = []
     for k in range(n):
@@ -138,7 +140,7 @@ def align(run: Run) -> Alignment:
         return Alignment((0.0,) * n, AS_RECORDED)
     offsets, total = [], 0.0
     for bound in bounds:
-        total += bound if math.isfinite(bound) else 0.0
+        total += bound if math.isfinite(bound) else 0.0  # no exact client times: stage 0 keeps its clock
         offsets.append(total)
     return Alignment(tuple(offsets), ALIGNED)
 
@@ -252,6 +254,7 @@ def run_to_dict(run: Run, alignment: Alignment, t0: float) -> dict[str, Any]:
         "microbatches": [
             {"seq": m.seq, "samples": m.samples,
              "client": None if m.client is None else [m.client.sent, m.client.received],
+             "client_exact": m.client is None or m.client.exact,
              "stages": [[r.stage, r.recv, r.compute_start, r.compute_end, r.send] for r in m.stages]}
             for m in run.microbatches],
         "plan": run.plan,
@@ -283,7 +286,8 @@ def load_run(path: Path | str) -> Run:
         microbatches = tuple(
             Microbatch(seq=int(m["seq"]), samples=int(m["samples"]),
                        stages=tuple(StageRecord(int(r[0]), *(float(x) for x in r[1:5])) for r in m["stages"]),
-                       client=None if m.get("client") is None else ClientTimes(*(float(x) for x in m["client"])))
+                       client=None if m.get("client") is None else ClientTimes(
+                           *(float(x) for x in m["client"]), exact=bool(m.get("client_exact", True))))
             for m in section["microbatches"])
         plan = section.get("plan")
         return Run(microbatches, int(section["batch"]), tuple(str(d) for d in section.get("stage_devices", ())),
