@@ -132,7 +132,7 @@ def profile_bundle(
     stats = {key: robust_summary(values) for key, values in samples.items()}
     comm_profile = None
     if comm:
-        comm_profile = measure_runtime_comm(manifests, sessions, feeds, sizes, stats)
+        comm_profile = measure_runtime_comm(manifests, sessions, feeds, sizes, stats, bundle.segment_pieces)
         progress(total, total)
     pieces = bundle.segment_pieces
     return DeviceProfile(
@@ -157,14 +157,16 @@ def profile_bundle(
 
 def measure_runtime_comm(manifests: Sequence[StageManifest], sessions: Sequence[ort.InferenceSession],
                          feeds: Sequence[dict[int, dict[str, np.ndarray]]], sizes: Sequence[int],
-                         stats: dict[tuple[int, int], Robust]) -> CommProfile:
+                         stats: dict[tuple[int, int], Robust], segment_pieces: Sequence[int]) -> CommProfile:
     """Communication costs with messages up to the largest activation a piece sends at the largest
-    size, and their share of compute measured beside the piece whose time is the median."""
+    size, and their share of compute measured beside the piece that makes up most of the model's
+    time (a transformer block's half: what stages are made of; a sub-millisecond piece would drown
+    the measurement in timer noise)."""
     from edgepipe.agent.device.commcost import measure_comm
 
     mb = max(sizes)
     largest = max((spec.bytes_per_sample() or 0) * mb for m in manifests for spec in m.outputs)
-    piece = sorted(range(len(sessions)), key=lambda p: stats[(p, mb)].mean)[len(sessions) // 2]
+    piece = max(range(len(sessions)), key=lambda p: stats[(p, mb)].mean * segment_pieces.count(p))
     session, feed = sessions[piece], feeds[piece][mb]
     return measure_comm(min(max(largest, 1 << 16), MAX_COMM_MESSAGE_BYTES), lambda: session.run(None, feed))
 
