@@ -286,7 +286,7 @@ def metrics_cmd(
     listen: str = typer.Option("127.0.0.1:9101", "--listen", help="HOST:PORT to serve /metrics on."),
     ready_file: Path | None = typer.Option(None, "--ready-file", help="Write {pid, url} JSON once serving."),
 ) -> None:
-    """Serve a stage's counters in the Prometheus text format (needs: pip install 'edgepipe[metrics]').
+    """Serve a stage's counters in the Prometheus text format (needs: pip install 'edgepipe\\[metrics]').
 
     At every scrape the stage's control endpoint is asked for its status; requests, errors, queue
     depth, busy fraction and bytes in/out are published with the labels stage, device and model.
