@@ -70,9 +70,27 @@ def device_toml(name: str, type_: str, cpu: float, memory: str, bandwidth: str) 
             f"cpu = {cpu}\n")
 
 
-def type_toml(name: str) -> str:
-    """A device type; its gflops is a placeholder that the measured profiles replace."""
-    return f'[[type]]\nname = "{name}"\ngflops = 1.0\n'
+def type_toml(name: str, gflops: float = 1.0) -> str:
+    """A device type. Here its gflops is a placeholder that the measured profiles replace;
+    tools/bench_memory.py gives it a calibrated speed."""
+    return f'[[type]]\nname = "{name}"\ngflops = {gflops:.4f}\n'
+
+
+def calibrate(model: str, microbatch: int) -> float:
+    """GFLOPS one core sustains on this model: the whole model timed with one ORT thread
+    (tools/bench_memory.py's prediction; this benchmark predicts from the devices' profiles)."""
+    from edgepipe.agent.device.profiler import random_feeds, time_runs
+    from edgepipe.agent.formats.bundle import TensorSpec
+    from edgepipe.compiler.build import candidate_cuts, load_model, spec_for
+    from edgepipe.compiler.verify import cpu_session
+
+    loaded = load_model(model)
+    flops = sum(s.flops for s in spec_for(loaded, candidate_cuts(loaded)).segments)
+    session = cpu_session(loaded.path, threads=1)
+    specs = [TensorSpec(i.name, "float32", tuple(d if isinstance(d, int) else "batch" for d in i.shape))
+             for i in session.get_inputs()]
+    seconds = time_runs(session, random_feeds(specs, microbatch), repeats=3, warmup=1)
+    return flops * microbatch / seconds / 1e9
 
 
 def comm_adjusted(problem: Any, plan: Any, profiles: dict[str, Any]) -> tuple[float, list[float]]:
