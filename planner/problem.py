@@ -138,7 +138,8 @@ class DeviceType:
     never runs int8 stages.
 
     ``comm_share`` is the fraction of the comm CPU seconds that lengthens compute: 1 when the
-    agent's receive and send threads share compute's core, 0 when they have cores of their own.
+    agent's receive and send threads share compute's core, 0 when they have cores of their own
+    (measured, it can exceed 1: contention costs compute more than the comm work's own CPU time).
     """
 
     name: str
@@ -448,8 +449,9 @@ def validate_problem(p: Problem) -> None:
             _validate_profiles(t.int8.profiles, n_seg, f"{where}.int8.profiles")
             _require(t.int8.gflops is None or _positive(t.int8.gflops),
                      f"{where}.int8.gflops: must be a positive number, got {t.int8.gflops!r}")
-        _require(_non_negative(t.comm_share) and t.comm_share <= 1,
-                 f"{where}.comm.share: must be a number in [0, 1], got {t.comm_share!r}")
+        # Usually in [0, 1]; a measured share above 1 means the comm work slows compute by more than
+        # its own CPU time (caches, scheduling), which the cost model takes as it is.
+        _require(_non_negative(t.comm_share), f"{where}.comm.share: must be a number >= 0, got {t.comm_share!r}")
         seen_costs: set[tuple[str, bool]] = set()
         for k, c in enumerate(t.comm):
             at = f"{where}.comm.costs[{k}]"

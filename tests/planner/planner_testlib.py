@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from edgepipe.planner.problem import (
     CommCost,
@@ -26,6 +27,7 @@ from edgepipe.planner.problem import (
 from hypothesis import strategies as st
 
 TOL = 1e-9
+EXAMPLES = Path(__file__).parents[2] / "planner" / "examples"
 
 
 def vit_like(blocks: int = 4, width: int = 64, tokens: int = 17) -> ModelSpec:
@@ -390,7 +392,7 @@ def small_v2_problems(draw: st.DrawFn, max_devices: int = 4, max_segments: int =
     profiled = {mb: tuple(float(draw(st.integers(1, 9))) for _ in range(n)) for mb in (4, 8)}
     types = [DeviceType("t0", profiles=profiled if draw(st.booleans()) else {},
                         gflops=draw(st.sampled_from([2e-9, 4e-9])), int8=int8_speed(profiled),
-                        comm=comm_costs(), comm_share=draw(st.sampled_from([0.0, 0.5, 1.0])))]
+                        comm=comm_costs(), comm_share=draw(st.sampled_from([0.0, 0.5, 1.0, 1.5])))]
     if draw(st.booleans()):
         types.append(DeviceType("t1", reference="t0", speed=draw(st.sampled_from([0.5, 2.0])),
                                 int8=int8_speed({}), comm=comm_costs(), comm_share=draw(st.sampled_from([0.0, 1.0]))))

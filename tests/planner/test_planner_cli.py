@@ -9,12 +9,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import EXAMPLES
 from edgepipe.planner.explain import devices_label, explain, explain_dict
 from edgepipe.planner.plan import load_plan
 from edgepipe.planner.problem import Device, DeviceType, Problem, save_problem
 from edgepipe.planner.solver import solve
-from planner_testlib import vit_like
+from planner_testlib import EXAMPLES, vit_like
 
 PLAN = str(Path(sys.executable).parent / "edgepipe-plan")
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 import textwrap
 
 import pytest
-from conftest import EXAMPLES
 from edgepipe.planner.cluster import ClusterError, load_cluster, problem_for
 from edgepipe.planner.problem import int8_segment_seconds, segment_seconds
 from edgepipe.planner.units import format_bytes, format_seconds, parse_bytes, parse_mbps, parse_seconds
-from planner_testlib import vit_like
+from planner_testlib import EXAMPLES, vit_like
 
 
 @pytest.mark.parametrize(

@@ -247,7 +247,7 @@ def test_comm_costs_copied_verbatim_from_a_device_profile(tmp_path) -> None:
          r"codecs.fp16.max_abs_diff: missing"),
         (lambda r: r["model"]["segments"][1]["int8"].update(weight_bytes=-5),
          r"segments\[1\] \('blocks.1'\).int8.weight_bytes: must be an integer >= 0"),
-        (lambda r: r["device_types"][0]["comm"].update(share=2), r"device_types\[0\] \('fast'\).comm.share: must be"),
+        (lambda r: r["device_types"][0]["comm"].update(share=-0.5), r"\(.fast.\).comm.share: must be"),
         (lambda r: r["device_types"][0]["comm"]["costs"][0].update(codec="gzip"),
          r"comm.costs\[0\].codec: must be one of"),
         (lambda r: r["device_types"][0]["comm"]["costs"][1].update(codec="raw"), r"comm.costs\[1\]: duplicate entry"),

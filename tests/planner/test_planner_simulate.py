@@ -5,13 +5,12 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-from conftest import EXAMPLES
 from edgepipe.planner.cluster import load_cluster, problem_for
 from edgepipe.planner.cost import Placement, make_plan
 from edgepipe.planner.problem import CommCost, Device, DeviceType, Problem
 from edgepipe.planner.simulate import simulate, steady_state
 from edgepipe.planner.solver import solve
-from planner_testlib import evaluate, vit_like
+from planner_testlib import EXAMPLES, evaluate, vit_like
 
 
 def test_one_microbatch_takes_the_plans_latency(paper_problem) -> None:
