@@ -268,7 +268,7 @@ def bench_solve_time(repeats: int, progress: Progress, before: str | None) -> li
         timed = _interleaved({"pipeline only": lambda: solve(lossy, max_replicas=1, throughput_slack=0.0),
                               "defaults": lambda: solve(lossy)}, max(1, repeats // 2))
         for variant, (seconds, plan) in timed.items():
-            rows.append(_time_row("paper testbed, lossy choices offered (budget max|Δ| 0.1)", variant, lossy, plan,
+            rows.append(_time_row("paper testbed, lossy choices offered (budget max |Δ| 0.1)", variant, lossy, plan,
                                   seconds, None, None, None))
         progress.advance(task)
     return rows
