@@ -18,6 +18,14 @@ from edgepipe.compiler.build import (
 )
 from edgepipe.compiler.cuts import Cut, CutError
 from edgepipe.compiler.export import DEFAULT_OPSET, ExportError
+from edgepipe.compiler.lossy_cli import (
+    BudgetExceeded,
+    add_lossy_measurements,
+    build_within_budget,
+    lossy_options,
+    print_accuracy,
+)
+from edgepipe.compiler.quantize import QuantizeError
 from edgepipe.compiler.verify import DEFAULT_TOLERANCE, VerificationError
 from edgepipe.models.registry import REGISTRY, ModelError
 from rich.console import Console
@@ -28,7 +36,8 @@ app = typer.Typer(add_completion=False, rich_markup_mode="rich", pretty_exceptio
 console = Console()
 err = Console(stderr=True)
 
-USER_ERRORS = (CompileError, CutError, ExportError, VerificationError, ModelError, BundleError, OSError)
+USER_ERRORS = (CompileError, CutError, ExportError, VerificationError, ModelError, BundleError, OSError,
+               BudgetExceeded, QuantizeError)
 
 
 @app.command(
@@ -69,6 +78,22 @@ def compile_command(
     verify: Annotated[bool, typer.Option(help="Check chained stages reproduce the whole model.")] = True,
     tolerance: Annotated[float, typer.Option(help="Largest allowed |difference| when verifying.")] = DEFAULT_TOLERANCE,
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")] = False,
+    # --- lossy choices (compiler/lossy_cli.py, docs/compression.md) ---
+    max_error: Annotated[str | None, typer.Option(metavar="SPEC", help=(
+        "Let the planner compress hops (fp16/int8) and quantize stages (int8 weights) while the model's outputs "
+        "stay within this error of fp32: 0.05 (max |Δ|) or max_abs=0.05,cosine=0.999,top1=0.99 (any subset). "
+        "The built pipeline is measured; a plan over budget is re-planned or refused."))] = None,
+    calibration: Annotated[Path | None, typer.Option(metavar="FILE|DIR", help=(
+        "Sample inputs for measuring errors: .npy (one input), .npz (by input name) or a folder of images "
+        "[registry example inputs].")) ] = None,
+    calibration_samples: Annotated[int, typer.Option(help="Use at most N calibration samples.")] = 8,
+    int8_weights: Annotated[str | None, typer.Option(metavar="all|K,..", help=(
+        "Without a cluster: build these stages with int8 weights (ONNX Runtime quantize_dynamic).")) ] = None,
+    hop_codecs: Annotated[str | None, typer.Option(metavar="CODEC[,..]", help=(
+        "Without a cluster: codec of each stage-to-stage hop (raw, fp16, int8), one for all or one per hop; "
+        "the measured error is reported.")) ] = None,
+    int8: Annotated[bool, typer.Option("--int8/--no-int8", help=(
+        "With --max-error: offer int8 weights to the planner (else only hop codecs).")) ] = True,
 ) -> None:
     """Export a model to ONNX, find where it can be cut, and slice it into hash-checked stage bundles.
 
@@ -86,24 +111,26 @@ def compile_command(
         if profile_bundle is not None:
             _write_profile_bundle(model, onnx, checkpoint, opset, max_tensors, profile_bundle, as_json)
             return
+        lossy = lossy_options(max_error, calibration, calibration_samples, int8_weights, hop_codecs, int8)
         chosen = [c for c in cuts.split(",") if c.strip()] if cuts else None
         if sum(x is not None for x in (stages, chosen, cluster, plan)) > 1:
             raise CompileError("choose one of --stages, --cuts, --cluster, --plan")
-        plan_obj = None
+        plan_obj = problem_obj = None
         if cluster is not None:
-            plan_obj = _plan_for_cluster(model, onnx, checkpoint, opset, cluster, microbatch, max_tensors,
-                                         out, problem_out, as_json, profile=profile, profiles_dir=profiles_dir,
-                                         profile_threads=profile_threads, probe=probe_links)
+            plan_obj, problem_obj = _plan_for_cluster(model, onnx, checkpoint, opset, cluster, microbatch, max_tensors,
+                                                      out, problem_out, as_json, profile=profile,
+                                                      profiles_dir=profiles_dir, profile_threads=profile_threads,
+                                                      probe=probe_links, lossy=lossy)
         elif profile or probe_links or profiles_dir is not None:
             raise CompileError("--profile, --profiles-dir and --probe-links need --cluster")
         elif plan is not None:
             from edgepipe.planner.plan import load_plan
 
             plan_obj = load_plan(plan)
-        result = _compile_with_progress(
-            model, out, onnx=onnx, stages=stages, cuts=chosen, plan=plan_obj, checkpoint=checkpoint,
-            opset=opset, max_tensors=max_tensors, verify=verify, tolerance=tolerance, quiet=as_json,
-        )
+        result = build_within_budget(lossy, plan_obj, problem_obj, out, lambda plan_to_build: _compile_with_progress(
+            model, out, onnx=onnx, stages=stages, cuts=chosen, plan=plan_to_build, checkpoint=checkpoint,
+            opset=opset, max_tensors=max_tensors, verify=verify, tolerance=tolerance, quiet=as_json, lossy=lossy,
+        ), err, as_json)
     except (*USER_ERRORS, ValueError) as exc:  # planner/cluster input errors are ValueErrors too
         typer.echo(f"error: {exc}", err=True)  # one line, never wrapped
         raise typer.Exit(1) from None
@@ -182,7 +209,8 @@ def _cut_row(cut: Cut, segment) -> dict:
 
 
 def _plan_for_cluster(model, onnx, checkpoint, opset, cluster_path, microbatch, max_tensors, out,
-                      problem_out, quiet, *, profile=False, profiles_dir=None, profile_threads=1, probe=False):
+                      problem_out, quiet, *, profile=False, profiles_dir=None, profile_threads=1, probe=False,
+                      lossy=None):
     import dataclasses
 
     from edgepipe.compiler.planning import apply_profiles, load_device_profiles, usable_devices
@@ -216,6 +244,7 @@ def _plan_for_cluster(model, onnx, checkpoint, opset, cluster_path, microbatch, 
     if probe:
         cluster = _probe_links(cluster, spec, profiles_dir, microbatch, quiet)
     problem = problem_for(cluster, spec, microbatch)
+    problem = add_lossy_measurements(loaded, cuts, problem, lossy, quiet, err)
     if problem_out is not None:
         Path(problem_out).parent.mkdir(parents=True, exist_ok=True)
         save_problem(problem, problem_out)
@@ -226,7 +255,7 @@ def _plan_for_cluster(model, onnx, checkpoint, opset, cluster_path, microbatch, 
     save_plan(plan, Path(out) / "plan.json")
     if not quiet:
         console.print(explain(problem, plan, all_baselines(problem, plan.microbatch)))
-    return plan
+    return plan, problem
 
 
 def _profile_devices(loaded, cuts, cluster, profiles_dir: Path, microbatch: int, threads: int, quiet: bool):
@@ -293,7 +322,9 @@ def _print_result(result: CompileResult) -> None:
         table.add_column("device")
     for row in result.stage_rows:
         cells = [str(row["stage"]), row["cut_in"] or "(input)", row["cut_out"] or "(output)",
-                 f"{row['params'] / 1e6:.2f} M", _size(row["weight_bytes"]), _size(row["out_bytes_per_sample"])]
+                 f"{row['params'] / 1e6:.2f} M",
+                 _size(row["weight_bytes"]) + ("" if row.get("weights", "float32") == "float32" else f" {row['weights']}"),
+                 _size(row["out_bytes_per_sample"])]
         table.add_row(*cells, *([row["device"]] if planned else []))
     console.print(table)
     source = "cached export" if result.export_cached else "fresh export"
@@ -304,6 +335,7 @@ def _print_result(result: CompileResult) -> None:
                       f"(tolerance {v.tolerance:g}) [green]OK[/green]")
     else:
         console.print("[yellow]not verified (--no-verify)[/yellow]")
+    print_accuracy(result.accuracy, console)
 
 
 def _size(n: int | None) -> str:

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 FORMAT = "edgepipe.stage-bundle"
-FORMAT_VERSION = 1
+# 2: adds ``quantization`` (stages with int8 weights). Version 1 manifests are still read: they have none.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST_NAME = "stage.json"
 GRAPH_NAME = "stage.onnx"
 DATA_NAME = "stage.onnx.data"
@@ -60,6 +62,22 @@ class FileEntry:
 
 
 @dataclass(frozen=True)
+class WeightQuantization:
+    """How a stage's weights were quantized after slicing (``StageManifest.quantization``; absent or
+    null there: float weights as exported). Inputs and outputs stay float32 either way."""
+
+    weights: str  # "int8"
+    method: str  # "onnxruntime.quantization.quantize_dynamic"
+    op_types: tuple[str, ...]  # the ops whose weights were quantized ("MatMul", "Gemm")
+    per_channel: bool  # one scale per output column (else one per weight)
+    onnxruntime: str  # version of the quantizer
+    float_weight_bytes: int  # weight bytes of the float stage it was made from
+
+    def describe(self) -> str:
+        return f"{self.weights} ({'/'.join(self.op_types)}, {self.method.rsplit('.', 1)[-1]})"
+
+
+@dataclass(frozen=True)
 class StageManifest:
     """Everything an agent needs to know about its stage, without opening the ONNX file."""
 
@@ -74,6 +92,7 @@ class StageManifest:
     cut_out: str | None  # label of the cut this stage ends at; None for the last stage
     weight_bytes: int  # bytes of initializers this stage holds
     compile_settings: dict[str, Any] = field(default_factory=dict)  # opset, exporter versions, ...
+    quantization: WeightQuantization | None = None  # None: float weights as exported
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -85,10 +104,10 @@ class StageManifest:
         if raw.get("format") != FORMAT:
             raise BundleError(f"{source}: not an EdgePipe stage bundle manifest (format={raw.get('format')!r})")
         version = raw.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise BundleError(
                 f"{source}: bundle format version {version} is not supported by this agent "
-                f"(supports {FORMAT_VERSION}); recompile or upgrade edgepipe"
+                f"(supports {', '.join(map(str, READABLE_VERSIONS))}); recompile or upgrade edgepipe"
             )
         try:
             return StageManifest(
@@ -103,9 +122,19 @@ class StageManifest:
                 cut_out=raw.get("cut_out"),
                 weight_bytes=int(raw["weight_bytes"]),
                 compile_settings=dict(raw.get("compile_settings", {})),
+                quantization=_quantization(raw.get("quantization")),
+                format_version=int(version),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise BundleError(f"{source}: malformed manifest field: {exc!r}") from exc
+
+
+def _quantization(raw: Any) -> WeightQuantization | None:
+    if raw is None:
+        return None
+    return WeightQuantization(weights=str(raw["weights"]), method=str(raw["method"]),
+                              op_types=tuple(str(o) for o in raw["op_types"]), per_channel=bool(raw["per_channel"]),
+                              onnxruntime=str(raw["onnxruntime"]), float_weight_bytes=int(raw["float_weight_bytes"]))
 
 
 def _tensor_spec(raw: dict[str, Any]) -> TensorSpec:
