@@ -323,7 +323,8 @@ def _print_result(result: CompileResult) -> None:
     for row in result.stage_rows:
         cells = [str(row["stage"]), row["cut_in"] or "(input)", row["cut_out"] or "(output)",
                  f"{row['params'] / 1e6:.2f} M",
-                 _size(row["weight_bytes"]) + ("" if row.get("weights", "float32") == "float32" else f" {row['weights']}"),
+                 _size(row["weight_bytes"]) + ("" if row.get("weights", "float32") == "float32"
+                                               else f" {row['weights']}"),
                  _size(row["out_bytes_per_sample"])]
         table.add_row(*cells, *([row["device"]] if planned else []))
     console.print(table)
