@@ -90,14 +90,14 @@ def file_calibration(path: Path, specs: Sequence[TensorSpec], samples: int | Non
     """Samples from the user's ``path`` (.npy, .npz or an image folder), checked against ``specs``;
     at most ``samples`` of them (None: all)."""
     path = Path(path)
+    if not path.exists():
+        raise CalibrationError(f"--calibration {path}: no such file or directory")
     if path.is_dir():
         feeds = _images(path, specs, samples, norm or ImageNorm())
     elif path.suffix == ".npy":
         feeds = _npy(path, specs)
     elif path.suffix == ".npz":
         feeds = _npz(path, specs)
-    elif not path.exists():
-        raise CalibrationError(f"--calibration {path}: no such file or directory")
     else:
         raise CalibrationError(f"--calibration {path}: use a .npy or .npz file or a folder of images")
     feeds = {name: arr[:samples] if samples else arr for name, arr in feeds.items()}

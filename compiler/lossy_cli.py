@@ -47,6 +47,8 @@ def lossy_options(max_error: str | None, calibration: Path | None, calibration_s
         return None
     if calibration_samples < 1:
         raise ChoiceError(f"--calibration-samples must be at least 1, got {calibration_samples}")
+    if calibration is not None and not Path(calibration).exists():  # before minutes of export and slicing
+        raise ChoiceError(f"--calibration {calibration}: no such file or directory")
     return LossyOptions(max_error=None if max_error is None else parse_budget(max_error), calibration=calibration,
                         calibration_samples=calibration_samples, int8_weights=int8_weights, hop_codecs=hop_codecs,
                         offer_int8=offer_int8)
