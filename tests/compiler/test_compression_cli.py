@@ -95,7 +95,7 @@ def test_the_planner_compresses_slow_hops_within_the_budget(tmp_path: Path, vit_
     """Four equal devices on 5 Mbps links: the planner sends compressed activations where the budget
     allows, the compile measures the built pipeline and reports measured vs predicted error."""
     cluster = tmp_path / "slow.toml"
-    cluster.write_text("[cluster]\nname = \"slow\"\n\n[[type]]\nname = \"board\"\ngflops = 20.0\n" + "".join(
+    cluster.write_text("[cluster]\nname = \"slow\"\n\n[[type]]\nname = \"board\"\ngflops = 5.0\n" + "".join(
         f"\n[[device]]\nname = \"d{i}\"\ntype = \"board\"\nmemory = \"2 GiB\"\nbandwidth = \"5 Mbps\"\n"
         for i in range(4)))
     out = json.loads(run_cli(TINY, "-o", str(tmp_path / "b"), "--cluster", str(cluster), "--microbatch", "4",
