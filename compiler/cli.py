@@ -93,7 +93,10 @@ def compile_command(
         "Without a cluster: codec of each stage-to-stage hop (raw, fp16, int8), one for all or one per hop; "
         "the measured error is reported.")) ] = None,
     int8: Annotated[bool, typer.Option("--int8/--no-int8", help=(
-        "With --max-error: offer int8 weights to the planner (else only hop codecs).")) ] = True,
+        "With --max-error: offer int8 weights to the planner (else only hop codecs); with --profile the "
+        "devices then also time each piece with int8 weights.")) ] = True,
+    int8_pieces: Annotated[bool, typer.Option("--int8-pieces", help=(
+        "With --profile-bundle: add each piece's int8-weights twin, so profiles carry int8 times.")) ] = False,
 ) -> None:
     """Export a model to ONNX, find where it can be cut, and slice it into hash-checked stage bundles.
 
@@ -109,7 +112,7 @@ def compile_command(
             _list_cuts(model, onnx, checkpoint, opset, max_tensors, as_json)
             return
         if profile_bundle is not None:
-            _write_profile_bundle(model, onnx, checkpoint, opset, max_tensors, profile_bundle, as_json)
+            _write_profile_bundle(model, onnx, checkpoint, opset, max_tensors, profile_bundle, as_json, int8_pieces)
             return
         lossy = lossy_options(max_error, calibration, calibration_samples, int8_weights, hop_codecs, int8)
         chosen = [c for c in cuts.split(",") if c.strip()] if cuts else None
@@ -187,12 +190,13 @@ def _list_cuts(model, onnx, checkpoint, opset, max_tensors, as_json) -> None:
     console.print(table)
 
 
-def _write_profile_bundle(model, onnx, checkpoint, opset, max_tensors, out: Path, as_json: bool) -> None:
+def _write_profile_bundle(model, onnx, checkpoint, opset, max_tensors, out: Path, as_json: bool,
+                          int8_pieces: bool = False) -> None:
     from edgepipe.compiler.profiling import write_profile_bundle
 
     loaded = load_model(model, onnx, checkpoint, opset)
     cuts = candidate_cuts(loaded, max_tensors)
-    bundle = write_profile_bundle(loaded.model, cuts, out, loaded.identity)
+    bundle = write_profile_bundle(loaded.model, cuts, out, loaded.identity, int8=int8_pieces)
     summary = {"dir": str(out), "model_id": bundle.model_id, "model_sha256": bundle.model_sha256,
                "segments": len(bundle.segment_names), "pieces": bundle.piece_count}
     if as_json:
@@ -232,7 +236,8 @@ def _plan_for_cluster(model, onnx, checkpoint, opset, cluster_path, microbatch, 
     if profile or profiles_dir.is_dir():
         if profile:
             profiles, missing = _profile_devices(loaded, cuts, cluster, profiles_dir, microbatch, profile_threads,
-                                                 quiet)
+                                                 quiet, int8=lossy is not None and lossy.max_error is not None
+                                                 and lossy.offer_int8)
         else:
             profiles, missing = load_device_profiles(profiles_dir, cluster, spec)
         short = [p.device for p in profiles if microbatch not in p.seconds]
@@ -258,12 +263,13 @@ def _plan_for_cluster(model, onnx, checkpoint, opset, cluster_path, microbatch, 
     return plan, problem
 
 
-def _profile_devices(loaded, cuts, cluster, profiles_dir: Path, microbatch: int, threads: int, quiet: bool):
+def _profile_devices(loaded, cuts, cluster, profiles_dir: Path, microbatch: int, threads: int, quiet: bool,
+                     int8: bool = False):
     from edgepipe.compiler.profiling import write_profile_bundle
     from edgepipe.compiler.remote_profile import profile_cluster
 
     bundle_dir = profiles_dir / "bundle"
-    write_profile_bundle(loaded.model, cuts, bundle_dir, loaded.identity)
+    write_profile_bundle(loaded.model, cuts, bundle_dir, loaded.identity, int8=int8)
     with Progress(TextColumn("profiling devices"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=err, transient=True, disable=quiet) as bar:
         task = bar.add_task("profile", total=len(cluster.devices))

@@ -13,6 +13,7 @@ import statistics
 from pathlib import Path
 
 from edgepipe.agent.formats.profiles import DeviceProfile, ProfileError, check_profile_matches, load_profile
+from edgepipe.compiler.quantize import int8_speed  # light: no onnx_ir at import
 from edgepipe.planner.cluster import Cluster
 from edgepipe.planner.problem import ModelSpec
 
@@ -68,7 +69,8 @@ def apply_profiles(cluster: Cluster, profiles: list[DeviceProfile]) -> Cluster:
                       for i in range(len(measured[0].segment_names)))
             for mb in sorted(sizes)
         }
-        types.append(dataclasses.replace(device_type, profiles=table))
+        int8 = int8_speed(measured)  # compiler/quantize.py: int8-weights times, when profiled
+        types.append(dataclasses.replace(device_type, profiles=table, **({} if int8 is None else {"int8": int8})))
     return dataclasses.replace(cluster, device_types=tuple(types))
 
 

@@ -20,8 +20,8 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import onnx_ir as ir
 import onnxruntime
 from edgepipe.agent.formats.bundle import (
     DATA_NAME,
@@ -32,7 +32,9 @@ from edgepipe.agent.formats.bundle import (
     load_bundle,
     write_manifest,
 )
-from edgepipe.compiler.graph import tensor_bytes
+
+if TYPE_CHECKING:  # onnx_ir is imported where graphs are read: planning (int8_speed) needs none of it
+    import onnx_ir as ir
 
 METHOD = "onnxruntime.quantization.quantize_dynamic"
 
@@ -96,6 +98,9 @@ def quantize_onnx(src: Path, dst: Path, settings: QuantSettings = DEFAULT_SETTIN
 
 
 def initializer_bytes(path: Path) -> int:
+    import onnx_ir as ir
+    from edgepipe.compiler.graph import tensor_bytes
+
     model = ir.load(path)  # external tensors are mapped, not read
     return sum(tensor_bytes(v) for v in model.graph.initializers.values())
 
@@ -148,3 +153,23 @@ def _quiet_root_logger() -> Iterator[None]:
         yield
     finally:
         root.setLevel(level)
+
+
+def int8_speed(profiles: list) -> Any:
+    """The planner's int8 speed of a device type (``DeviceType.int8``) from its devices' measured
+    profiles (agent/formats/profiles.py ``int8_seconds``): the median per segment over the devices,
+    at every size all of them measured. None when they have no int8 times (or the planner predates
+    int8 stages)."""
+    import statistics
+
+    from edgepipe.planner import problem as planner_problem
+
+    speed_type = getattr(planner_problem, "Int8Speed", None)
+    timed = [p for p in profiles if p.int8_seconds]
+    if speed_type is None or not timed or len(timed) != len(profiles):
+        return None
+    sizes = set.intersection(*(set(p.int8_seconds) for p in timed))
+    table = {mb: tuple(statistics.median(p.int8_seconds[mb][i] for p in timed)
+                       for i in range(len(timed[0].segment_names)))
+             for mb in sorted(sizes)}
+    return speed_type(profiles=table) if table else None

@@ -81,6 +81,9 @@ def profile_bundle(
         warmup=warmup,
         host=host_facts(),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        int8_seconds={mb: tuple(piece_seconds[p][mb] for p in bundle.int8_segment_pieces)
+                      for mb in sorted(microbatches)} if bundle.int8_segment_pieces else {},
+        int8_peak_memory_bytes=tuple(piece_memory[p] for p in bundle.int8_segment_pieces),
     )
 
 

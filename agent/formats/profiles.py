@@ -37,6 +37,9 @@ class ProfileBundle:
     segment_names: tuple[str, ...]  # the planner's segments, in order
     segment_pieces: tuple[int, ...]  # per segment: which piece-K directory runs it
     piece_count: int
+    # per segment: the piece running its int8-weights variant (a segment with nothing to quantize
+    # points at its fp32 piece); empty: the bundle has no int8 variants. Optional field, absent = ().
+    int8_segment_pieces: tuple[int, ...] = ()
     format: str = PROFILE_BUNDLE_FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -61,6 +64,10 @@ class DeviceProfile:
     warmup: int
     host: dict[str, Any] = field(default_factory=dict)  # cpu model, cores: for the reader's benefit
     created: str = ""
+    # the int8-weights variants (profiling bundles with int8 pieces), like seconds / peak_memory_bytes;
+    # optional fields, absent = not measured
+    int8_seconds: dict[int, tuple[float, ...]] = field(default_factory=dict)
+    int8_peak_memory_bytes: tuple[int, ...] = ()
     format: str = PROFILE_FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -85,13 +92,17 @@ def load_profile_bundle(root: Path | str) -> ProfileBundle:
             segment_names=tuple(str(n) for n in raw["segment_names"]),
             segment_pieces=tuple(int(p) for p in raw["segment_pieces"]),
             piece_count=int(raw["piece_count"]),
+            int8_segment_pieces=tuple(int(p) for p in raw.get("int8_segment_pieces") or ()),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ProfileError(f"{path}: malformed field: {exc!r}") from exc
     if len(bundle.segment_names) != len(bundle.segment_pieces):
         raise ProfileError(f"{path}: {len(bundle.segment_names)} segments but {len(bundle.segment_pieces)} pieces")
-    if any(not 0 <= p < bundle.piece_count for p in bundle.segment_pieces):
+    if any(not 0 <= p < bundle.piece_count for p in (*bundle.segment_pieces, *bundle.int8_segment_pieces)):
         raise ProfileError(f"{path}: a segment refers to a piece outside 0..{bundle.piece_count - 1}")
+    if bundle.int8_segment_pieces and len(bundle.int8_segment_pieces) != len(bundle.segment_names):
+        raise ProfileError(f"{path}: {len(bundle.segment_names)} segments but {len(bundle.int8_segment_pieces)} "
+                           f"int8 pieces")
     return bundle
 
 
@@ -99,6 +110,7 @@ def profile_to_dict(profile: DeviceProfile) -> dict[str, Any]:
     """The JSON form (also what the control protocol's ``profile`` reply carries)."""
     raw = asdict(profile)
     raw["seconds"] = {str(k): list(v) for k, v in profile.seconds.items()}
+    raw["int8_seconds"] = {str(k): list(v) for k, v in profile.int8_seconds.items()}
     return raw
 
 
@@ -135,10 +147,12 @@ def profile_from_dict(raw: Any, path: str = "profile") -> DeviceProfile:
             warmup=int(raw["warmup"]),
             host=dict(raw.get("host", {})),
             created=str(raw.get("created", "")),
+            int8_seconds={int(k): tuple(float(x) for x in v) for k, v in (raw.get("int8_seconds") or {}).items()},
+            int8_peak_memory_bytes=tuple(int(x) for x in raw.get("int8_peak_memory_bytes") or ()),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ProfileError(f"{path}: malformed field: {exc!r}") from exc
-    for mb, values in profile.seconds.items():
+    for mb, values in (*profile.seconds.items(), *profile.int8_seconds.items()):
         if len(values) != len(names):
             raise ProfileError(f"{path}: microbatch {mb} has {len(values)} timings for {len(names)} segments")
     return profile
