@@ -93,6 +93,10 @@ def build_within_budget(options: LossyOptions | None, plan: Any, problem: Any, o
         built = compile_within_budget(options.max_error, plan, lambda budget: _replan(problem, budget, plan, out),
                                       build)
         result = built.result
+        if built.notes:
+            from edgepipe.compiler.build import write_summary
+
+            write_summary(result)  # compile.json records what was re-planned and why
         for note in built.notes:
             err.print(f"[yellow]max-error:[/yellow] {note}", highlight=False)
     check = result.accuracy

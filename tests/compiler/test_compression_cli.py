@@ -20,6 +20,11 @@ TINY = "vit_tiny_patch16_224"
 CLI = [sys.executable, "-m", "edgepipe.compiler.cli"]
 PLANNER_V2 = hasattr(planner_problem, "parse_error_budget")
 needs_planner_v2 = pytest.mark.skipif(not PLANNER_V2, reason="needs the planner with error budgets (branch planner)")
+# Four equal boards on 5 Mbps links, each too small for the whole fp32 model (100 MiB runtime + 22 MB of
+# weights), so the planner must pipeline (not replicate the whole model) and hops carry activations.
+SLOW_CLUSTER = "[cluster]\nname = \"slow\"\n\n[[type]]\nname = \"board\"\ngflops = 5.0\n" + "".join(
+    f"\n[[device]]\nname = \"d{i}\"\ntype = \"board\"\nmemory = \"116 MiB\"\nbandwidth = \"5 Mbps\"\n"
+    for i in range(4))
 
 
 def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -95,16 +100,14 @@ def test_the_planner_compresses_slow_hops_within_the_budget(tmp_path: Path, vit_
     """Four equal devices on 5 Mbps links: the planner sends compressed activations where the budget
     allows, the compile measures the built pipeline and reports measured vs predicted error."""
     cluster = tmp_path / "slow.toml"
-    cluster.write_text("[cluster]\nname = \"slow\"\n\n[[type]]\nname = \"board\"\ngflops = 5.0\n" + "".join(
-        f"\n[[device]]\nname = \"d{i}\"\ntype = \"board\"\nmemory = \"2 GiB\"\nbandwidth = \"5 Mbps\"\n"
-        for i in range(4)))
+    cluster.write_text(SLOW_CLUSTER)
     out = json.loads(run_cli(TINY, "-o", str(tmp_path / "b"), "--cluster", str(cluster), "--microbatch", "4",
-                             "--max-error", "max_abs=0.05,cosine=0.999", "--calibration-samples", "4",
+                             "--max-error", "max_abs=0.05,cosine=0.999", "--calibration-samples", "4", "--no-int8",
                              "--problem-out", str(tmp_path / "problem.json"), "--json").stdout)
     problem = json.loads((tmp_path / "problem.json").read_text())
     segments = problem["model"]["segments"]
     assert all(set(s["codecs"]) == {"fp16", "int8"} for s in segments[:-1]) and "codecs" not in segments[-1]
-    assert all("int8" in s for s in segments)
+    assert not any("int8" in s for s in segments)  # --no-int8: hop codecs only
     assert problem["max_error"] == {"max_abs_diff": 0.05, "cosine": 0.999, "top1_agreement": None}
     plan = json.loads((tmp_path / "b" / "plan.json").read_text())
     hops = [s["codec_out"] for s in plan["stages"][:-1]]
@@ -113,3 +116,46 @@ def test_the_planner_compresses_slow_hops_within_the_budget(tmp_path: Path, vit_
     assert accuracy["hop_codecs"] == hops and accuracy["within_budget"] is True
     assert accuracy["predicted"] == plan["predicted_error"]
     assert accuracy["measured"]["max_abs_diff"] <= 0.05 and accuracy["measured"]["cosine"] >= 0.999
+
+
+@needs_planner_v2
+def test_a_plan_whose_prediction_was_too_optimistic_is_replanned(tmp_path: Path, vit_tiny_build) -> None:
+    """Measurements that understate int8 hops 1000-fold make the planner pick them; the deployed
+    pipeline measures over budget, so the compile re-plans within a tighter budget and ends within it."""
+    import dataclasses
+
+    import tomllib
+    from edgepipe.compiler.build import candidate_cuts, compile_model, load_model, spec_for
+    from edgepipe.compiler.calibration import registry_calibration
+    from edgepipe.compiler.compression import CodecEffect, attach_to_problem, measure_lossy
+    from edgepipe.compiler.lossy_cli import build_within_budget
+    from edgepipe.compiler.plan_check import LossyOptions
+    from edgepipe.planner.cluster import cluster_from_dict, problem_for
+    from edgepipe.planner.solver import solve
+    from rich.console import Console
+
+    tiny = load_model(TINY)
+    cuts = candidate_cuts(tiny)
+    measured = measure_lossy(tiny.model, cuts, registry_calibration(TINY, 4), tiny.identity.model_sha256)
+    understated = dataclasses.replace(measured, segments=tuple(dataclasses.replace(s, codecs=tuple(
+        dataclasses.replace(c, error=dataclasses.replace(c.error, max_abs_diff=c.error.max_abs_diff / 1000))
+        if c.codec == "int8" else c for c in s.codecs)) for s in measured.segments))
+    assert all(isinstance(c, CodecEffect) for s in understated.segments for c in s.codecs)
+    cluster_text = SLOW_CLUSTER
+    budget = planner_problem.parse_error_budget("max_abs=0.001")
+    understated = dataclasses.replace(understated, segments=tuple(dataclasses.replace(s, int8=None)
+                                                                  for s in understated.segments))
+    problem = attach_to_problem(problem_for(cluster_from_dict(tomllib.loads(cluster_text), "slow"),
+                                            spec_for(tiny, cuts), 4), understated, budget)
+    first = solve(problem)
+    assert "int8" in [s.codec_out for s in first.stages]  # believed nearly free
+    options = LossyOptions(max_error=budget, calibration_samples=4, offer_int8=False)
+    out = tmp_path / "b"
+    result = build_within_budget(options, first, problem, out,
+                                 lambda plan: compile_model(TINY, out, plan=plan, lossy=options),
+                                 Console(stderr=True), quiet=True)
+    check = result.accuracy
+    assert check.within_budget is True and check.measured.max_abs_diff <= 0.001
+    assert check.fallback and "exceeds the budget" in check.fallback and "re-planned" in check.fallback
+    assert "int8" not in check.hop_codecs
+    assert json.loads((out / "compile.json").read_text())["accuracy"]["fallback"] == check.fallback
