@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 from agent_testlib import blocked_imports_env
 from edgepipe.agent.formats.bundle import read_manifest
 from edgepipe.agent.local import LocalPipeline
@@ -28,3 +29,31 @@ def test_agents_serve_int8_stages_as_the_compiler_measured(vit_tiny_build, tmp_p
         got = result.outputs["logits"]
         assert got.shape == want.shape == (2, 1000)
         assert float(np.abs(got - want).max()) <= 1e-4 * max(1.0, float(np.abs(want).max()))
+
+
+def _serve_has_codecs() -> bool:
+    from edgepipe.agent.device import stage
+
+    config = getattr(stage, "StageConfig", None)
+    return config is not None and "codec" in getattr(config, "__dataclass_fields__", {})
+
+
+@pytest.mark.skipif(not _serve_has_codecs(), reason="needs the data plane v2 (serve --codec, branch dataplane)")
+def test_compressed_hops_deliver_what_the_compiler_measured(vit_tiny_build, tmp_path: Path) -> None:
+    """Agents sending their outputs in fp16 and int8 (`serve --codec`) give, bit for bit up to ORT's
+    thread-dependent rounding, what the compiler's codecs.roundtrip-based check computed: the error
+    the planner was told is the error the runtime makes."""
+    stages = [Path(shutil.copytree(b, tmp_path / b.name)) for b in vit_tiny_build.bundle_dirs]
+    choices = [StageChoice(int8_weights=True, codec_out="fp16"), StageChoice(codec_out="int8"), StageChoice()]
+    quantize_stages(stages, choices)
+    first = read_manifest(stages[0]).inputs[0]
+    batch = np.random.default_rng(5).standard_normal((2, 3, 224, 224)).astype(np.float32)
+    with LocalPipeline(stages, env=blocked_imports_env(tmp_path), log_dir=tmp_path / "logs",
+                       stage_args={0: ["--codec", "fp16"], 1: ["--codec", "int8"]}) as pipe, \
+            pipe.client(window=1) as client:
+        (result,) = list(client.results([{first.name: batch}]))
+    want = run_deployed(stages, choices, {first.name: batch})["logits"]
+    raw = run_deployed(stages, [StageChoice(c.int8_weights) for c in choices], {first.name: batch})["logits"]
+    got = result.outputs["logits"]
+    assert float(np.abs(got - want).max()) <= 1e-3 * float(np.abs(want).max())
+    assert float(np.abs(got - raw).max()) > 10 * float(np.abs(got - want).max())  # the codecs really applied
