@@ -34,8 +34,7 @@ def test_agents_serve_int8_stages_as_the_compiler_measured(vit_tiny_build, tmp_p
 def _serve_has_codecs() -> bool:
     from edgepipe.agent.device import stage
 
-    config = getattr(stage, "StageConfig", None)
-    return config is not None and "codec" in getattr(config, "__dataclass_fields__", {})
+    return "codec" in getattr(stage.AgentConfig, "__dataclass_fields__", {})
 
 
 @pytest.mark.skipif(not _serve_has_codecs(), reason="needs the data plane v2 (serve --codec, branch dataplane)")
