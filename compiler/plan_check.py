@@ -144,15 +144,17 @@ def deploy_lossy_choices(model_id: str, from_registry: bool, model_path: Path, i
         choices = parse_choices(len(bundle_dirs), options.int8_weights, options.hop_codecs)
     else:
         choices = choices_from_plan(plan) or tuple(StageChoice() for _ in bundle_dirs)
-    if not is_lossy(choices) and options.max_error is None:
+    # a plan file made within a budget (edgepipe-plan --max-error) is checked against that budget
+    budget = options.max_error if options.max_error is not None else getattr(plan, "max_error", None)
+    if not is_lossy(choices) and budget is None:
         return None
     quantize_stages(bundle_dirs, choices)
-    if not check and options.max_error is None:
+    if not check and budget is None:
         return None
     calibration = calibration_for(model_id, from_registry, input_specs, options.calibration,
                                   options.calibration_samples)
     predicted = getattr(plan, "predicted_error", None)
-    return check_deployed(model_path, bundle_dirs, choices, calibration, options.max_error,
+    return check_deployed(model_path, bundle_dirs, choices, calibration, budget,
                           None if predicted is None else OutputError(predicted.max_abs_diff, predicted.cosine,
                                                                      predicted.top1_agreement),
                           options.threads)

@@ -116,6 +116,13 @@ def test_the_planner_compresses_slow_hops_within_the_budget(tmp_path: Path, vit_
     assert accuracy["hop_codecs"] == hops and accuracy["within_budget"] is True
     assert accuracy["predicted"] == plan["predicted_error"]
     assert accuracy["measured"]["max_abs_diff"] <= 0.05 and accuracy["measured"]["cosine"] >= 0.999
+    # the plan file alone rebuilds the same pipeline, checked against the budget it was made within
+    again = json.loads(run_cli(TINY, "-o", str(tmp_path / "c"), "--plan", str(tmp_path / "b" / "plan.json"),
+                               "--calibration-samples", "4", "--json").stdout)["accuracy"]
+    assert again["hop_codecs"] == hops and again["within_budget"] is True
+    assert again["max_error"] == {"max_abs_diff": 0.05, "cosine": 0.999, "top1_agreement": None}
+    # same bundles, same samples; ONNX Runtime's parallel reductions may round an fp16 value differently
+    assert again["measured"]["max_abs_diff"] == pytest.approx(accuracy["measured"]["max_abs_diff"], rel=0.5)
 
 
 @needs_planner_v2
