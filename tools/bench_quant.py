@@ -235,7 +235,9 @@ def plot_codecs(r: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("max |Δ| of the logits vs fp32")
     ax.set_title(f"{r['model']} (random weights): one lossy choice at a time, {r['samples']} samples")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    low, high = ax.get_ylim()
+    ax.set_ylim(low, high * 8)  # room for the legend above the points
+    ax.legend(fontsize=8, loc="upper center", ncol=3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -410,6 +412,14 @@ def codecs_cmd(model: ModelOpt = BASE, checkpoint: CheckpointOpt = None, samples
     RESULTS["codecs"] = codec_benchmark(model, checkpoint, samples, plot)
     print_codecs(RESULTS["codecs"])
     _finish(as_json)
+
+
+@app.command("plot")
+def plot_cmd(results: Annotated[Path, typer.Argument(help="JSON written by `codecs --json` or `all --json`.")],
+             out: Path = Path("docs/img/codec-errors-vitb.png")) -> None:
+    """Redraw the codec plot from saved results (no measuring)."""
+    plot_codecs(json.loads(results.read_text())["codecs"], out)
+    console.print(f"plot written to {out}")
 
 
 @app.command("lossless")
