@@ -38,6 +38,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	@mkdir -p build
 	$(PY) tools/bench_compile.py --json > build/bench-compile.json
+	$(PY) tools/bench_models.py --json build/bench-models.json --markdown build/bench-models.md
 	$(PY) tools/bench_runtime.py --json build/bench-runtime.json
 	$(PY) tools/bench_planner.py --json build/bench-planner.json
 	$(PY) tools/bench_testbed.py --json build/bench-testbed.json

@@ -75,12 +75,7 @@ def registry_calibration(model_name: str, samples: int = DEFAULT_SAMPLES) -> Cal
     from edgepipe.models import registry
 
     entry = registry.get_model(model_name)
-    # Multi-input models (text) have example_inputs (one tensor per input); vision models one input.
-    many = getattr(registry, "example_inputs", None)
-    if many is not None:
-        tensors = dict(many(entry, samples))
-    else:
-        tensors = {entry.input_name: registry.example_input(entry, samples)}
+    tensors = registry.example_inputs(entry, samples)  # one tensor per input (text models: ids and mask)
     feeds = {name: t.detach().cpu().numpy() for name, t in tensors.items()}
     return make_calibration(feeds, f"{samples} registry example inputs of {model_name}")
 

@@ -30,10 +30,10 @@ import onnxruntime as ort
 from edgepipe.agent.formats import codecs
 from edgepipe.agent.formats.bundle import TensorSpec
 from edgepipe.compiler.calibration import Calibration
-from edgepipe.compiler.cuts import Cut, stage_boundaries
+from edgepipe.compiler.cuts import Cut
 from edgepipe.compiler.export import cache_root
 from edgepipe.compiler.quantize import DEFAULT_SETTINGS, QuantSettings, quantizable_nodes, quantize_onnx
-from edgepipe.compiler.slicing import extract_stage
+from edgepipe.compiler.slicing import stage_models
 
 # Bump when what is measured or how changes, so stale cached measurements are not reused.
 MEASURE_VERSION = 1
@@ -132,13 +132,15 @@ class SegmentChain:
                  on_segment: Callable[[int, int], None] | None = None) -> None:
         self.workdir = Path(workdir)
         self.threads = threads
-        self.boundaries = stage_boundaries(model.graph, list(cuts))
         self.output_names = [v.name for v in model.graph.outputs]
+        self.boundaries: list[tuple[list[str], list[str]]] = []  # per segment: its input and output names
         self.paths: list[Path] = []
         self.sessions: list[ort.InferenceSession] = []
         self.quantizable: list[int] = []  # per segment: MatMul/Gemm nodes with a weight
-        for k, (inputs, outputs) in enumerate(self.boundaries):
-            segment = extract_stage(model, inputs, outputs, k)
+        # the segments exactly as stages are sliced (masks and shapes rebuilt where a cut needs them,
+        # model inputs forwarded), so what is measured is what a stage boundary there would do
+        for k, segment in stage_models(model, list(cuts)):
+            self.boundaries.append(([v.name for v in segment.graph.inputs], [v.name for v in segment.graph.outputs]))
             path = self.workdir / f"segment-{k}.onnx"
             ir.save(segment, path, external_data=f"segment-{k}.onnx.data")
             self.quantizable.append(len(quantizable_nodes(segment.graph)))
@@ -146,7 +148,7 @@ class SegmentChain:
             self.paths.append(path)
             self.sessions.append(cpu_session(path, threads))
             if on_segment is not None:
-                on_segment(k + 1, len(self.boundaries))
+                on_segment(k + 1, len(cuts) + 1)
 
     def __len__(self) -> int:
         return len(self.boundaries)

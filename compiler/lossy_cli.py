@@ -66,9 +66,9 @@ def add_lossy_measurements(loaded: Any, cuts: list, problem: Any, options: Lossy
     from edgepipe.compiler.compression import attach_to_problem, measure_lossy
     from edgepipe.compiler.slicing import tensor_spec
 
-    calibration = calibration_for(loaded.identity.model_id, loaded.identity.settings.get("source") != "onnx",
+    calibration = calibration_for(loaded.identity.model_id, loaded.source != "onnx",
                                   [tensor_spec(v) for v in loaded.model.graph.inputs], options.calibration,
-                                  options.calibration_samples)
+                                  options.calibration_samples, loaded.fixed_batch)
     with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=err,
                   transient=True, disable=quiet) as bar:
         task = bar.add_task("measuring codecs and int8 weights", total=1.0)

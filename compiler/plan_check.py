@@ -109,11 +109,18 @@ def is_lossy(choices: Sequence[StageChoice]) -> bool:
 
 
 def calibration_for(model_id: str, from_registry: bool, input_specs: Sequence[TensorSpec], path: Path | None,
-                    samples: int) -> Calibration:
-    """The user's calibration data if given, else the registry's example inputs, else noise."""
+                    samples: int, fixed_batch: int | None = None) -> Calibration:
+    """The user's calibration data if given, else the registry's example inputs, else noise. A model
+    fixed to one batch size (exported without a batch axis) is measured on exactly that many samples."""
+    if fixed_batch is not None:
+        samples = fixed_batch
     if path is not None:
         norm = timm_norm(model_id) if from_registry else None
-        return file_calibration(path, input_specs, samples, norm)
+        calibration = file_calibration(path, input_specs, samples, norm)
+        if fixed_batch is not None and calibration.samples != fixed_batch:
+            raise ChoiceError(f"--calibration {path}: the model takes batches of exactly {fixed_batch}; "
+                              f"give at least {fixed_batch} samples")
+        return calibration
     if from_registry:
         return registry_calibration(model_id, samples)
     return noise_calibration(input_specs, samples)
@@ -134,7 +141,7 @@ def quantize_stages(bundle_dirs: Sequence[Path], choices: Sequence[StageChoice],
 
 def deploy_lossy_choices(model_id: str, from_registry: bool, model_path: Path, input_specs: Sequence[TensorSpec],
                          bundle_dirs: Sequence[Path], plan: Any, options: LossyOptions, check: bool = True,
-                         ) -> AccuracyCheck | None:
+                         fixed_batch: int | None = None) -> AccuracyCheck | None:
     """The compile step after slicing (and the exact fp32 verification): quantize the stages the plan
     (or --int8-weights) marks, then measure the deployed pipeline (with its hop codecs) against the
     whole model. None when nothing is lossy and no budget asks for a check."""
@@ -152,7 +159,7 @@ def deploy_lossy_choices(model_id: str, from_registry: bool, model_path: Path, i
     if not check and budget is None:
         return None
     calibration = calibration_for(model_id, from_registry, input_specs, options.calibration,
-                                  options.calibration_samples)
+                                  options.calibration_samples, fixed_batch)
     predicted = getattr(plan, "predicted_error", None)
     return check_deployed(model_path, bundle_dirs, choices, calibration, budget,
                           None if predicted is None else OutputError(predicted.max_abs_diff, predicted.cosine,

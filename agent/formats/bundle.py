@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 FORMAT = "edgepipe.stage-bundle"
-# 2: adds ``quantization`` (stages with int8 weights). Version 1 manifests are still read: they have none.
+# 2: adds ``forwarded``, ``input_values`` and ``fixed_batch`` (models with several inputs, e.g. a
+# transformer's token ids and attention mask) and ``quantization`` (stages with int8 weights).
+# Version 1 manifests are still read: they have none.
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 MANIFEST_NAME = "stage.json"
@@ -53,6 +55,25 @@ class TensorSpec:
 
 _ITEMSIZE = {"float32": 4, "float16": 2, "float64": 8, "int64": 8, "int32": 4, "int8": 1,
              "uint8": 1, "bool": 1}
+
+
+# What values a model input takes, so a client can make valid inputs without knowing the model.
+INPUT_KINDS = ("real", "index", "mask")
+
+
+@dataclass(frozen=True)
+class InputValues:
+    """``real``: any float (clients send normal noise); ``index``: integers in [0, ``high``), such as
+    token ids within the vocabulary; ``mask``: 0/1 attention mask (1 = attend; clients send ones)."""
+
+    kind: str
+    high: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in INPUT_KINDS:
+            raise ValueError(f"input kind {self.kind!r} is not one of {', '.join(INPUT_KINDS)}")
+        if self.kind == "index" and (self.high is None or self.high < 1):
+            raise ValueError(f"an index input needs high >= 1, got {self.high!r}")
 
 
 @dataclass(frozen=True)
@@ -92,12 +113,21 @@ class StageManifest:
     cut_out: str | None  # label of the cut this stage ends at; None for the last stage
     weight_bytes: int  # bytes of initializers this stage holds
     compile_settings: dict[str, Any] = field(default_factory=dict)  # opset, exporter versions, ...
+    # Inputs that are model inputs passed along from the client (e.g. "attention_mask"), not computed
+    # by the stage before: this stage rebuilds masks from them, and passes them on when a later stage
+    # needs them too (they are then also among its outputs, unchanged). Always empty for stage 0.
+    forwarded: tuple[str, ...] = ()
+    input_values: dict[str, InputValues] = field(default_factory=dict)  # model inputs among ``inputs``
+    fixed_batch: int | None = None  # the one batch size the stage accepts (model exported without a batch axis)
     quantization: WeightQuantization | None = None  # None: float weights as exported
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
+        raw = asdict(self)
+        raw["input_values"] = {k: {f: v for f, v in asdict(d).items() if v is not None}
+                               for k, d in self.input_values.items()}
+        return json.dumps(raw, indent=2, sort_keys=True)
 
     @staticmethod
     def from_dict(raw: dict[str, Any], source: str = "stage.json") -> StageManifest:
@@ -110,7 +140,7 @@ class StageManifest:
                 f"(supports {', '.join(map(str, READABLE_VERSIONS))}); recompile or upgrade edgepipe"
             )
         try:
-            return StageManifest(
+            manifest = StageManifest(
                 model_id=str(raw["model_id"]),
                 model_sha256=str(raw["model_sha256"]),
                 stage_index=int(raw["stage_index"]),
@@ -122,11 +152,20 @@ class StageManifest:
                 cut_out=raw.get("cut_out"),
                 weight_bytes=int(raw["weight_bytes"]),
                 compile_settings=dict(raw.get("compile_settings", {})),
+                forwarded=tuple(str(n) for n in raw.get("forwarded", ())),
+                input_values={str(k): InputValues(str(v["kind"]), None if v.get("high") is None else int(v["high"]))
+                              for k, v in raw.get("input_values", {}).items()},
+                fixed_batch=None if raw.get("fixed_batch") is None else int(raw["fixed_batch"]),
                 quantization=_quantization(raw.get("quantization")),
                 format_version=int(version),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise BundleError(f"{source}: malformed manifest field: {exc!r}") from exc
+        names = {t.name for t in manifest.inputs}
+        stray = [n for n in (*manifest.forwarded, *manifest.input_values) if n not in names]
+        if stray:
+            raise BundleError(f"{source}: {stray} named in forwarded/input_values but not among the inputs")
+        return manifest
 
 
 def _quantization(raw: Any) -> WeightQuantization | None:

@@ -132,3 +132,19 @@ def test_roundtrip_is_what_a_receiver_decodes() -> None:
         frame = codecs.encode(arr, codec)
         decoded = codecs.decode(frame.tobytes(), codec, "float32", arr.shape)
         assert np.array_equal(codecs.roundtrip(arr, codec), decoded)
+
+
+def test_text_model_cuts_carry_their_forwarded_mask_raw() -> None:
+    """bert_tiny's cuts forward the attention mask (int64): it travels raw whatever the hop's codec,
+    and the segments are measured as stages are sliced (masks rebuilt after each cut)."""
+    bert = load_model("bert_tiny")
+    cuts = candidate_cuts(bert)
+    measured = measure_lossy(bert.model, cuts, registry_calibration("bert_tiny", 2), bert.identity.model_sha256)
+    layer = [s.name for s in measured.segments].index("bert.encoder.layer.0")
+    cut = cuts[layer]  # the cut after segment `layer`
+    assert cut.forwarded == ("attention_mask",)
+    hidden = cut.bytes_per_sample - 128 * 8  # the mask: 128 int64 per sample
+    by_codec = {c.codec: c for c in measured.segments[layer].codecs}
+    assert by_codec["fp16"].out_bytes == hidden // 2 + 128 * 8
+    assert by_codec["int8"].error.max_abs_diff > by_codec["fp16"].error.max_abs_diff > 0
+    assert measured.segments[layer].int8.quantized_nodes > 0
