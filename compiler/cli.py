@@ -115,8 +115,8 @@ def compile_command(
         "stay within this error of fp32: 0.05 (max |Δ|) or max_abs=0.05,cosine=0.999,top1=0.99 (any subset). "
         "The built pipeline is measured; a plan over budget is re-planned or refused."))] = None,
     calibration: Annotated[Path | None, typer.Option(metavar="FILE|DIR", help=(
-        "Sample inputs for measuring errors: .npy (one input), .npz (by input name) or a folder of images "
-        "[registry example inputs].")) ] = None,
+        "Sample inputs for measuring errors: FILE.npy (one input), FILE.npz (an array per input name) or a "
+        "folder of images (default: the registry's example inputs).")) ] = None,
     calibration_samples: Annotated[int, typer.Option(help="Use at most N calibration samples.")] = 8,
     int8_weights: Annotated[str | None, typer.Option(metavar="all|K,..", help=(
         "Without a cluster: build these stages with int8 weights (ONNX Runtime quantize_dynamic).")) ] = None,
