@@ -12,7 +12,7 @@ replication buy, each configuration planned, built, served and measured side by 
     all        the three, one after another
 
     flock /work/notes/bench.lock .venv/bin/python tools/bench_features.py all --json build/bench-features.json
-    .venv/bin/python tools/bench_features.py compress --plan-only      # plan + build + predict, no testbed
+    .venv/bin/python tools/bench_features.py compress --plan-only      # plan and predict only (no build, no testbed)
 
 Every device is a testbed namespace (tools/testbed.py: tbf-shaped link, cgroup CPU share); the client
 runs in the root namespace. The first device of each cluster is the "gateway": it keeps a 1 Gbps link
@@ -316,14 +316,12 @@ def measure_case(case: Case, setup: Setup) -> dict[str, Any]:
             "max_abs_diff": plan.predicted_error.max_abs_diff, "cosine": plan.predicted_error.cosine,
             "top1_agreement": plan.predicted_error.top1_agreement},
     }
-    if not predicted.fits:
+    if not predicted.fits or setup.plan_only:
         return row
     lossy = LossyOptions(max_error=parse_error_budget(case.max_error), calibration_samples=setup.samples) \
         if case.max_error else None
     built = compile_model(setup.model, work / "bundles", plan=plan, lossy=lossy)
     row["deployed_error"] = None if built.accuracy is None else built.accuracy.measured.to_dict()
-    if setup.plan_only:
-        return row
     batches, expected = reference(setup, built.model_path)
     run = run_plan(cluster_path, built.bundle_dirs, wiring, batches, setup.secure, work)
     measured = output_error(expected, [np.concatenate(run.outputs)], classifier=True)
@@ -466,7 +464,7 @@ OutOpt = Annotated[Path, typer.Option(help="Build directory.")]
 BudgetOpt = Annotated[str, typer.Option(help="--max-error for the plans that may be lossy.")]
 SamplesOpt = Annotated[int, typer.Option(help="Calibration samples for measured errors.")]
 SecureOpt = Annotated[bool, typer.Option("--secure/--insecure", help="CurveZMQ on every hop (the default).")]
-PlanOnlyOpt = Annotated[bool, typer.Option("--plan-only", help="Plan, build and predict; do not run.")]
+PlanOnlyOpt = Annotated[bool, typer.Option("--plan-only", help="Plan and predict; build and run nothing.")]
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="Also write the results here.")]
 CoresOpt = Annotated[float, typer.Option(help="Cores shared out among the devices (the machine's by default).")]
 
