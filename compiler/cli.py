@@ -116,18 +116,18 @@ def compile_command(
         "The built pipeline is measured; a plan over budget is re-planned or refused."))] = None,
     calibration: Annotated[Path | None, typer.Option(metavar="FILE|DIR", help=(
         "Sample inputs for measuring errors: FILE.npy (one input), FILE.npz (an array per input name) or a "
-        "folder of images (default: the registry's example inputs).")) ] = None,
+        "folder of images (default: the registry's example inputs)."))] = None,
     calibration_samples: Annotated[int, typer.Option(help="Use at most N calibration samples.")] = 8,
     int8_weights: Annotated[str | None, typer.Option(metavar="all|K,..", help=(
-        "Without a cluster: build these stages with int8 weights (ONNX Runtime quantize_dynamic).")) ] = None,
+        "Without a cluster: build these stages with int8 weights (ONNX Runtime quantize_dynamic)."))] = None,
     hop_codecs: Annotated[str | None, typer.Option(metavar="CODEC[,..]", help=(
         "Without a cluster: codec of each stage-to-stage hop (raw, fp16, int8), one for all or one per hop; "
-        "the measured error is reported.")) ] = None,
+        "the measured error is reported."))] = None,
     int8: Annotated[bool, typer.Option("--int8/--no-int8", metavar=FLAG, help=(
         "With --max-error: offer int8 weights to the planner (else only hop codecs); with --profile the "
-        "devices then also time each piece with int8 weights.")) ] = True,
+        "devices then also time each piece with int8 weights."))] = True,
     int8_pieces: Annotated[bool, typer.Option("--int8-pieces", metavar=FLAG, help=(
-        "With --profile-bundle: add each piece's int8-weights twin, so profiles carry int8 times.")) ] = False,
+        "With --profile-bundle: add each piece's int8-weights twin, so profiles carry int8 times."))] = False,
     _help: Annotated[bool, typer.Option("--help", metavar=FLAG, is_eager=True, callback=_show_help,
                                         expose_value=False, help="Show this message and exit.")] = False,
 ) -> None:
