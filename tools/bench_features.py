@@ -142,7 +142,10 @@ def cluster_toml(case: Case, setup: Setup) -> str:
     kinds: dict[str, float] = {}
     for d in case.devices:
         kinds.setdefault(d.kind, d.cpu)
-    text = f'[cluster]\nname = "{case.scenario.replace("@", "-").replace(" ", "")}"\n'
+    # The client's own link is fast; the planner then counts the input hop at the first device's rate
+    # (min of the two), which is what the testbed's shaping of that device does.
+    text = (f'[cluster]\nname = "{case.scenario.replace("@", "-").replace(" ", "")}"\n'
+            f'client_bandwidth = "{GATEWAY_RATE}"\n')
     text += "".join(type_toml(kind, setup.core_gflops * cpu) for kind, cpu in kinds.items())
     return text + "".join(device_toml(d.name, d.kind, d.cpu, d.memory, d.bandwidth) for d in case.devices)
 
