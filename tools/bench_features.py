@@ -48,7 +48,9 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_
 console = Console(width=170)
 RESULTS: dict[str, Any] = {}
 LARGE = "vit_large_patch16_224"
-DEFAULT_BUDGET = "cosine=0.999"
+# Lets the planner use int8 weights on a few ViT-L stages (each costs about 0.9998 in cosine, and the
+# planner adds angles conservatively); the deployed pipeline's measured error is reported beside it.
+DEFAULT_BUDGET = "cosine=0.99"
 GATEWAY_RATE = "1 Gbps"
 DATA_PORT, RESULTS_PORT = 5550, 5551
 AGENT = str(Path(sys.executable).parent / "edgepipe-agent")
