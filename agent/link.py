@@ -323,10 +323,10 @@ class Outbox:
             if isinstance(message, Heartbeat):
                 self._heartbeat(index, message, now)
             elif isinstance(message, Ack):
-                replica.peer.heard(now)
+                self._back(index, now, replica.peer.heard(now))
                 self._ack(index, message, received, done)
             elif answers is not None and message[0].kind == "error":
-                replica.peer.heard(now)
+                self._back(index, now, replica.peer.heard(now))
                 answers.append(message[0])
             else:
                 self.protocol_errors += 1
@@ -400,6 +400,20 @@ class Outbox:
         with contextlib.suppress(zmq.Again):  # not connected (yet): the next heartbeat tries again
             replica.sock.send(encode_heartbeat(hb), flags=zmq.NOBLOCK)
 
+    def _back(self, index: int, now: float, event: str | None, was_down_for: float | None = None) -> None:
+        """A replica that had been declared down is heard from again: what it never acknowledged
+        was probably lost with the connection, so it goes again (it de-duplicates the rest)."""
+        if event != "back":
+            return
+        replica = self.replicas[index]
+        unreceived = [p for p in replica.parcels.values() if not p.received]
+        for parcel in unreceived:
+            replica.detach(parcel)
+        self._requeue(unreceived)
+        down = f" after {was_down_for:.1f} s of silence" if was_down_for is not None else ""
+        self._log(logging.WARNING, f"back-{index}", f"downstream {replica.peer.name} is back{down}: "
+                  f"sending {len(unreceived)} unacknowledged messages again")
+
     def _heartbeat(self, index: int, hb: Heartbeat, now: float) -> None:
         replica = self.replicas[index]
         peer = replica.peer
@@ -418,13 +432,7 @@ class Outbox:
                       f"downstream {peer.name} restarted (new incarnation {hb.inc}): "
                       f"sending {len(lost)} unacknowledged messages again")
         elif event == "back":
-            unreceived = [p for p in replica.parcels.values() if not p.received]
-            for parcel in unreceived:
-                replica.detach(parcel)
-            self._requeue(unreceived)
-            self._log(logging.WARNING, f"back-{index}",
-                      f"downstream {peer.name} is back after {was_down_for:.1f} s of silence: "
-                      f"sending {len(unreceived)} unacknowledged messages again")
+            self._back(index, now, event, was_down_for)
         elif event == "first":
             self._log(logging.INFO, f"first-{index}", f"downstream {peer.name} answered (incarnation {hb.inc})")
         if hb.txs:  # messages sent before the heartbeat it has seen, never acknowledged: lost on the way

@@ -117,6 +117,16 @@ def peer_key(frame: zmq.Frame) -> str | None:
     return user or None
 
 
+def _no_zmtp_heartbeats(sock: zmq.Socket) -> zmq.Socket:
+    """Data-plane sockets heartbeat in the protocol itself (wire.Heartbeat, every 0.5 s), which
+    also carries incarnations and credit. ZMTP heartbeats are off there: besides being redundant,
+    in libzmq 4.3.x a ZMTP heartbeat timeout on a connection whose receive queue is full aborts the
+    process (zeromq/libzmq#4364, #3937) -- which is what a stage paused for longer than the timeout
+    runs into when it resumes."""
+    sock.setsockopt(zmq.HEARTBEAT_IVL, 0)
+    return sock
+
+
 def check_endpoint(endpoint: str, option: str) -> str:
     """A ZeroMQ endpoint needs its transport; ``host:port`` alone is the commonest typo."""
     if "://" not in endpoint:
@@ -133,7 +143,7 @@ def random_routing_id() -> bytes:
 def bind_data(ctx: zmq.Context, endpoint: str, *, auth: BindAuth, max_frame_bytes: int | None) -> zmq.Socket:
     """A hop's receiving side (a stage's --listen): data in, acks and heartbeats out to each peer.
     ROUTER_MANDATORY makes a send to a gone peer an error instead of a silent drop."""
-    sock = _server(_common(ctx.socket(zmq.ROUTER), DATA_RCVHWM), auth)
+    sock = _server(_no_zmtp_heartbeats(_common(ctx.socket(zmq.ROUTER), DATA_RCVHWM)), auth)
     sock.setsockopt(zmq.SNDHWM, HOP_CONTROL_HWM)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a peer reconnecting with its (secret) id takes its route back
@@ -145,7 +155,7 @@ def connect_data(ctx: zmq.Context, endpoint: str, *, auth: ConnectAuth) -> zmq.S
     """A hop's sending side (to the next stage, or a client's to the entry). Sending is gated by
     the receiver's credit, so the high-water mark is never what limits it. IMMEDIATE: nothing is
     queued for a peer that is not connected (we resend what a gone peer never acknowledged)."""
-    sock = _client(_common(ctx.socket(zmq.DEALER), HOP_CONTROL_HWM), auth)
+    sock = _client(_no_zmtp_heartbeats(_common(ctx.socket(zmq.DEALER), HOP_CONTROL_HWM)), auth)
     sock.setsockopt(zmq.ROUTING_ID, random_routing_id())
     sock.setsockopt(zmq.IMMEDIATE, 1)
     _max_frame(sock, HOP_CONTROL_MAX_BYTES)
@@ -155,7 +165,7 @@ def connect_data(ctx: zmq.Context, endpoint: str, *, auth: ConnectAuth) -> zmq.S
 def bind_results(ctx: zmq.Context, endpoint: str, *, auth: BindAuth) -> zmq.Socket:
     """The last stage's --results: results out to clients (held by the exit when a client's pipe is
     full: ROUTER_MANDATORY reports EAGAIN instead of dropping), acks and heartbeats in."""
-    sock = _server(_common(ctx.socket(zmq.ROUTER), HOP_CONTROL_HWM), auth)
+    sock = _server(_no_zmtp_heartbeats(_common(ctx.socket(zmq.ROUTER), HOP_CONTROL_HWM)), auth)
     sock.setsockopt(zmq.SNDHWM, RESULTS_SNDHWM)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
@@ -166,7 +176,7 @@ def bind_results(ctx: zmq.Context, endpoint: str, *, auth: BindAuth) -> zmq.Sock
 def connect_results(ctx: zmq.Context, endpoint: str, *, auth: ConnectAuth,
                     max_frame_bytes: int | None = None) -> zmq.Socket:
     """A client's results socket, connected to the last stage's --results."""
-    sock = _client(_common(ctx.socket(zmq.DEALER), HOP_CONTROL_HWM), auth)
+    sock = _client(_no_zmtp_heartbeats(_common(ctx.socket(zmq.DEALER), HOP_CONTROL_HWM)), auth)
     sock.setsockopt(zmq.ROUTING_ID, random_routing_id())
     sock.setsockopt(zmq.IMMEDIATE, 1)
     _max_frame(sock, max_frame_bytes)

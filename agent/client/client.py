@@ -90,7 +90,7 @@ Inputs = Mapping[str, np.ndarray] | np.ndarray
 KeySource = str | bytes | Path
 
 FIRST_TIMEOUT_S = 120.0  # last resort before any latency has been measured
-MIN_TIMEOUT_S = 10.0
+MIN_TIMEOUT_S = 30.0
 TIMEOUT_FACTOR = 5.0  # last resort = this x the slowest of the recent latencies
 LATENCY_SAMPLES = 32
 CONNECT_TIMEOUT_S = 10.0  # no answer at all from an entry or exit this long: say so
@@ -216,6 +216,7 @@ class Client:
         self._done: dict[int, Result | ClientError] = {}
         self._limits = Limits(max_tensors=256)
         self._created = time.monotonic()
+        self._suspended_since = 0.0
         self._entry_keys, self._exit_keys = entry_keys, exit_keys
         try:
             self._connect()
@@ -503,7 +504,19 @@ class Client:
                 link.next_hb = now + (self.heartbeat_s if link.peer.up else HELLO_S)
         if self._pending:
             self._check_reachable(now)
-            self._last_resort(time.time())
+            down = not all(r.peer.up for r in self._outbox.replicas) or not all(x.peer.up for x in self._exits)
+            if down:  # the custody chain resumes on its own when they are back: the last resort waits
+                self._suspended_since = self._suspended_since or time.time()
+            else:
+                if self._suspended_since:
+                    self._shift_clocks(time.time() - self._suspended_since)
+                    self._suspended_since = 0.0
+                self._last_resort(time.time())
+
+    def _shift_clocks(self, seconds: float) -> None:
+        for pending in self._pending.values():
+            if pending.parcel.first_sent:
+                pending.parcel.first_sent += seconds
 
     def _check_reachable(self, now: float) -> None:
         waited = now - self._connected_at

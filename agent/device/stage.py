@@ -678,16 +678,17 @@ class _StageIO:
         route, body = frames[0].bytes, frames[1:]
         key = peer_key(frames[1]) if self.secure and len(frames) > 1 else None
         up = self._uplink(route, key, now)
+        was_down_for = now - up.peer.last_seen
         try:
             message = parse(body, self.limits)
         except ProtocolError as exc:
-            up.peer.heard(now)
+            self._uplink_back(up, up.peer.heard(now), was_down_for)
             self._bad_message(up, exc, body, now)
             return
         if isinstance(message, Heartbeat):
             self._uplink_heartbeat(up, message, now)
             return
-        up.peer.heard(now)
+        self._uplink_back(up, up.peer.heard(now), was_down_for)
         if isinstance(message, Ack):
             self.counters.dropped += 1
             self.warn(logging.WARNING, f"ack-up-{route.hex()}",
@@ -796,11 +797,14 @@ class _StageIO:
         if event == "restarted":
             self.warn(logging.WARNING, f"uprestart-{up.route.hex()}",
                       f"upstream {up.peer.name} restarted (incarnation {hb.inc})")
-        elif event == "back":
-            self.warn(logging.WARNING, f"upback-{up.route.hex()}",
-                      f"upstream {up.peer.name} is back after {was_down_for:.1f} s of silence")
         elif event == "first":
             log.info("upstream %s connected (incarnation %s)", up.peer.name, hb.inc)
+        self._uplink_back(up, event, was_down_for)
+
+    def _uplink_back(self, up: _Uplink, event: str | None, was_down_for: float) -> None:
+        if event == "back" and not self.is_entry:
+            self.warn(logging.WARNING, f"upback-{up.route.hex()}",
+                      f"upstream {up.peer.name} is back after {was_down_for:.1f} s of silence")
 
     def _done_to(self, entry: _Entry, route: bytes) -> None:
         principal, nbytes = entry.senders.pop(route, (None, 0))
@@ -1037,6 +1041,7 @@ class _StageIO:
     # -- timers
 
     def _timers(self, now: float) -> None:
+        self._flush_acks()  # before any heartbeat: its ``txs`` must not overtake our acks of what it covers
         if self.outbox is not None:
             self.outbox.tick(now)
             self.counters.resends = self.outbox.resends
