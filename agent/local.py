@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -59,6 +60,7 @@ class AgentProcess:
     command: tuple[str, ...] = ()
     public_key: str | None = None
     ready_file: Path | None = None
+    control: str | None = None  # its --control endpoint, if started with one
 
 
 def agent_command(bundle_dir: Path, listen: str, next_: Sequence[tuple[str, str | None]], results: str | None,
@@ -99,7 +101,7 @@ class LocalPipeline:
                  log_dir: Path | str | None = None, env: Mapping[str, str] | None = None,
                  agent_args: Sequence[str] = (), stage_args: Mapping[int, Sequence[str]] | None = None,
                  replicas: Mapping[int, int] | None = None, insecure: bool = False,
-                 heartbeat_s: float | None = None) -> None:
+                 heartbeat_s: float | None = None, clients: int = 1, control: bool = False) -> None:
         if not bundle_dirs:
             raise ValueError("a pipeline needs at least one bundle directory")
         n = len(bundle_dirs)
@@ -117,10 +119,15 @@ class LocalPipeline:
         self.env = dict(env) if env is not None else None
         self.agent_args = list(agent_args)
         self.stage_args = {int(k): list(v) for k, v in (stage_args or {}).items()}
-        self.insecure, self.heartbeat_s = insecure, heartbeat_s
+        self.insecure, self.heartbeat_s, self.control = insecure, heartbeat_s, control
+        if clients < 1:
+            raise ValueError("clients: at least 1")
+        self.clients = clients
         self.agents: list[AgentProcess] = []
-        self.client_keypair: KeyPair | None = None
+        self.client_keypair: KeyPair | None = None  # the first of client_keypairs
         self.client_key_file: Path | None = None
+        self.client_keypairs: list[KeyPair] = []  # every client key the entry and the exit accept
+        self.client_key_files: list[Path] = []
         self.deployment = f"local-{uuid.uuid4().hex[:8]}"
         self._keys: dict[tuple[int, int], tuple[KeyPair, Path]] = {}
         self._logs: list[IO[Any]] = []
@@ -166,6 +173,15 @@ class LocalPipeline:
 
     def write_endpoints(self, path: Path | str) -> Path:
         return save_endpoints(Path(path), self.endpoints())
+
+    def status(self, index: int, replica: int = 0, timeout_s: float = 10.0) -> dict[str, Any]:
+        """The agent's counters (the ``stage`` field of its --control status; needs control=True)."""
+        from edgepipe.agent.control_client import request_status
+
+        agent = self.agent(index, replica)
+        if agent.control is None:
+            raise RuntimeError("start the pipeline with control=True to read agent status")
+        return request_status(agent.control, timeout_s=timeout_s)["stage"]
 
     # -- one agent
 
@@ -261,8 +277,12 @@ class LocalPipeline:
         return {**os.environ, **self.env} if self.env is not None else None
 
     def _make_keys(self, keys_dir: Path) -> None:
-        """Throwaway keys for this run: one per agent, one for the client."""
-        self.client_keypair, _, self.client_key_file = generate_keypair(keys_dir, "client", overwrite=True)
+        """Throwaway keys for this run: one per agent, and the clients'."""
+        for k in range(self.clients):
+            pair, _, secret = generate_keypair(keys_dir, "client" if k == 0 else f"client{k}", overwrite=True)
+            self.client_keypairs.append(pair)
+            self.client_key_files.append(secret)
+        self.client_keypair, self.client_key_file = self.client_keypairs[0], self.client_key_files[0]
         for index, count in enumerate(self.replicas):
             for r in range(count):
                 pair, _, secret = generate_keypair(keys_dir, f"stage{index}-{r}", overwrite=True)
@@ -270,7 +290,7 @@ class LocalPipeline:
 
     def _allow(self, index: int) -> list[str]:
         if index == 0:
-            return [self.client_keypair.public_text] if self.client_keypair else []
+            return [k.public_text for k in self.client_keypairs]
         return [self._keys[(index - 1, r)][0].public_text for r in range(self.replicas[index - 1])]
 
     def _start_one(self, index: int, replica: int, next_hops: list[tuple[str, str | None]],
@@ -288,22 +308,32 @@ class LocalPipeline:
             bundle_dir, f"tcp://{self.host}:0", next_hops, f"tcp://{self.host}:0" if is_last else None, ready,
             self.threads[index], self.cpus[index], self.log_level, self.max_batch,
             [*self.agent_args, *self.stage_args.get(index, [])], key_file=key_file, allow=self._allow(index),
-            allow_clients=[self.client_keypair.public_text] if is_last and self.client_keypair else [],
+            allow_clients=[k.public_text for k in self.client_keypairs] if is_last else [],
             heartbeat_s=self.heartbeat_s)
+        control = _free_endpoint(self.host) if self.control else None
+        if control is not None:
+            cmd += ["--control", control]
         log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self._logs.append(log)
         process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                    env=self._env(), start_new_session=True)
         public = pair.public_text if pair else None
         self.agents.insert(0, AgentProcess(index, bundle_dir, process, "", None, log_path, replica, tuple(cmd),
-                                           public, ready))
+                                           public, ready, control))
         info = _wait_ready(process, ready, log_path, self.startup_timeout_s, index, bundle_dir)
         # A restart must bind the very ports the other agents and clients know.
         fixed = _replace_arg(_replace_arg(cmd, "--listen", info["listen"]), "--results", info.get("results"))
         self.agents[0] = AgentProcess(index, bundle_dir, process, info["listen"], info.get("results"), log_path,
-                                      replica, tuple(fixed), public, ready)
+                                      replica, tuple(fixed), public, ready, control)
         self.agents.sort(key=lambda a: (a.index, a.replica))
         return next(a for a in self.agents if a.index == index and a.replica == replica)
+
+
+def _free_endpoint(host: str) -> str:
+    """A port nothing listens on right now (bound, then released for the agent to bind)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return f"tcp://{host}:{s.getsockname()[1]}"
 
 
 def _replace_arg(cmd: list[str], option: str, value: str | None) -> list[str]:

@@ -175,10 +175,12 @@ def bind_results(ctx: zmq.Context, endpoint: str, *, auth: BindAuth) -> zmq.Sock
 
 def connect_results(ctx: zmq.Context, endpoint: str, *, auth: ConnectAuth,
                     max_frame_bytes: int | None = None) -> zmq.Socket:
-    """A client's results socket, connected to the last stage's --results."""
+    """A client's results socket, connected to the last stage's --results. Not IMMEDIATE: with it,
+    libzmq drops the messages a connecting socket has received but not yet read when the connection
+    goes (the pipe is terminated without waiting), so results waiting for a busy client would be
+    lost when the exit stops. It only sends acks and heartbeats, which may wait for a reconnect."""
     sock = _client(_no_zmtp_heartbeats(_common(ctx.socket(zmq.DEALER), HOP_CONTROL_HWM)), auth)
     sock.setsockopt(zmq.ROUTING_ID, random_routing_id())
-    sock.setsockopt(zmq.IMMEDIATE, 1)
     _max_frame(sock, max_frame_bytes)
     return _connect(sock, endpoint)
 

@@ -71,6 +71,7 @@ from edgepipe.agent.link import (
     Parcel,
     RateLimitedLog,
     Replica,
+    forgive_own_pause,
 )
 from edgepipe.agent.transport import (
     INSECURE,
@@ -217,6 +218,7 @@ class Client:
         self._limits = Limits(max_tensors=256)
         self._created = time.monotonic()
         self._suspended_since = 0.0
+        self._last_pump = time.monotonic()
         self._entry_keys, self._exit_keys = entry_keys, exit_keys
         try:
             self._connect()
@@ -271,9 +273,10 @@ class Client:
     # ---- API --------------------------------------------------------------------------------
 
     def submit(self, inputs: Inputs) -> int:
-        """Queue one batch and return its sequence number; blocks while ``window`` requests are in
-        flight. A bare array is sent unnamed and is bound to the first stage's only input. Raw
-        arrays are not copied: do not modify them until their result has been collected."""
+        """Send one batch and return its sequence number; blocks while ``window`` requests are in
+        flight, and until the entry has credit for it. A bare array is sent unnamed and is bound to
+        the first stage's only input. Raw arrays are not copied: do not modify them until their
+        result has been collected."""
         arrays = _named(inputs)
         while len(self._pending) >= self.window:
             self._pump()
@@ -286,6 +289,8 @@ class Client:
         self._pending[seq] = _Pending(parcel, time.time())
         self._outbox.add(parcel)
         self._outbox.pump(time.monotonic())
+        while not parcel.first_sent and seq in self._pending:
+            self._pump()  # on the wire before we return (the caller may wait elsewhere); credit paces us
         return seq
 
     def result(self, seq: int) -> Result:
@@ -412,6 +417,12 @@ class Client:
         tick = min(HELLO_S, self.heartbeat_s / 4)
         events = dict(self._poller.poll(int(tick * 1000)))
         now = time.monotonic()
+        idle = now - self._last_pump
+        if idle > DETECT_FACTOR * self.heartbeat_s:
+            # The caller was busy elsewhere: nobody heard from us, and we heard nobody; that silence
+            # says nothing about the pipeline.
+            forgive_own_pause([*(r.peer for r in self._outbox.replicas), *(x.peer for x in self._exits)], idle)
+        self._last_pump = now
         for index, replica in enumerate(self._outbox.replicas):
             if replica.sock in events:
                 answers: list[Header] = []

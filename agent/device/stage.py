@@ -262,7 +262,8 @@ class _Result:
     route: bytes | None = None
     ls: int = 0
     sent_at: float = 0.0
-    deadline: float = 0.0  # for a held result
+    released: bool = False  # upstream let go of it: we keep it on our own account, until ``deadline``
+    deadline: float = 0.0
 
 
 @dataclass
@@ -514,9 +515,9 @@ class _StageIO:
         # exit state
         self.client_links: dict[bytes, _ClientLink] = {}
         self.routes: dict[tuple[str, str], bytes] = {}  # (owner, client) -> route
-        self.unacked: dict[RequestId, _Result] = {}  # sent to a connected client, awaiting its ack
-        self.held: OrderedDict[RequestId, _Result] = OrderedDict()  # client absent: we hold it
-        self.held_bytes = 0
+        self.unacked: OrderedDict[RequestId, _Result] = OrderedDict()  # handed to a connection, not acknowledged
+        self.held: OrderedDict[RequestId, _Result] = OrderedDict()  # no connection took it (yet)
+        self.kept_bytes = 0  # results kept on our own account (released upstream), bounded by hold_bytes
         self.held_undelivered_at_stop = 0
         self.stopping_since: float | None = None
 
@@ -621,9 +622,8 @@ class _StageIO:
         return 1 if count else 0
 
     def _unfinished(self) -> int:
-        """Requests taken in whose result is not yet in the next hop's hands (held results excluded)."""
-        return sum(1 for e in self.table.values() if e.state in ("queued", "computing", "out")
-                   and e.rid not in self.held)
+        """Requests taken in whose result is not yet in the next hop's (or its client's) hands."""
+        return sum(1 for e in self.table.values() if e.state in ("queued", "computing", "out"))
 
     def _queued(self) -> int:
         return sum(len(p.waiting) for p in self.principals.values())
@@ -873,6 +873,7 @@ class _StageIO:
                 continue
             entry.state = "forwarded"
             self.counters.requests_out += 1
+            log.debug("passed on %s/%s", rid[1], rid[2])
             for route in list(entry.senders):
                 self._done_to(entry, route)
 
@@ -935,7 +936,7 @@ class _StageIO:
         if event is not None or old != route:
             link.next_hb = 0.0
             self._redeliver(target, now)
-        if hb.txs:  # results sent before its last heartbeat we sent, never acknowledged: lost
+        if hb.txs:  # results sent before the heartbeat it has seen, never acknowledged: lost on the way
             for result in [r for r in self.unacked.values() if r.route == route and r.ls <= hb.txs]:
                 self._send_result(result, route, now)
 
@@ -945,87 +946,110 @@ class _StageIO:
             if rid[0] != owner:  # only the owner's own connections may acknowledge its results
                 self.counters.dropped += 1
                 continue
-            result = self.unacked.pop(rid, None)
+            result = self.unacked.pop(rid, None) or self.held.pop(rid, None)
             if result is None:
-                result = self.held.pop(rid, None)
-                if result is None:
-                    continue
-                self.held_bytes -= result.nbytes
+                continue
             self.counters.requests_out += 1
-            entry = self.table.pop(rid, None)
-            if entry is not None:
-                if entry.state != "forwarded":
-                    entry.state = "forwarded"
-                    for route in list(entry.senders):
-                        self._done_to(entry, route)
-                self._remember(rid, entry.attempt)
+            self._forget_result(result)
 
-    def _deliver(self, result: _Result, now: float) -> None:
-        target = (result.rid[0], result.rid[1])
-        route = self.routes.get(target)
-        link = self.client_links.get(route) if route is not None else None
-        if link is None or not link.peer.up or not self._send_result(result, route, now):
-            self._hold(result, now)
+    def _forget_result(self, result: _Result) -> None:
+        """The result is with its client, or given up: nothing of it stays here but its id."""
+        if result.released:
+            self.kept_bytes -= result.nbytes
+        else:
+            self._release_upstream(result.rid)
+        entry = self.table.pop(result.rid, None)
+        if entry is not None:
+            self._remember(result.rid, entry.attempt)
 
-    def _send_result(self, result: _Result, route: bytes, now: float) -> bool:
-        assert self.results is not None
-        link = self.client_links[route]
-        link.tx += 1
-        header = replace(result.header, ls=link.tx)
-        try:
-            self.results.send_multipart([route, pack_header(header), *result.frames], flags=zmq.NOBLOCK, copy=False)
-        except zmq.ZMQError:  # EAGAIN: its pipe is full (not reading); EHOSTUNREACH: gone
-            link.tx -= 1
-            return False
-        if result.sent_at:
-            self.counters.resends += 1
-        result.route, result.ls, result.sent_at = route, link.tx, now
-        self.counters.bytes_out += result.nbytes
-        self.unacked[result.rid] = result
-        return True
-
-    def _hold(self, result: _Result, now: float) -> None:
-        """Keep a result for a client that is not there (or not reading), and release upstream: a
-        client that never comes back must not hold the pipeline's credit."""
-        self.unacked.pop(result.rid, None)
-        if result.rid in self.held:
-            return
-        self.counters.held += 1
-        result.deadline = now + self.config.hold_s
-        result.route = None
-        self.held[result.rid] = result
-        self.held_bytes += result.nbytes
-        entry = self.table.get(result.rid)
+    def _release_upstream(self, rid: RequestId) -> None:
+        entry = self.table.get(rid)
         if entry is not None and entry.state != "forwarded":
             entry.state = "forwarded"
             for route in list(entry.senders):
                 self._done_to(entry, route)
-        target = (result.rid[0], result.rid[1])
-        mine = [r for r in self.held.values() if (r.rid[0], r.rid[1]) == target]
-        while len(mine) > self.config.hold_per_client:
-            self._undeliverable(mine.pop(0), "more results held for this client than --hold limit")
-        while self.held_bytes > self.config.hold_bytes and len(self.held) > 1:
-            self._undeliverable(next(iter(self.held.values())), "results held for absent clients above the byte limit")
 
-    def _undeliverable(self, result: _Result, why: str) -> None:
-        if self.held.pop(result.rid, None) is None:
+    def _deliver(self, result: _Result, now: float) -> None:
+        route = self.routes.get((result.rid[0], result.rid[1]))
+        if route is None or not self._send_result(result, route, now):
+            self._hold(result, now)
+
+    def _send_result(self, result: _Result, route: bytes, now: float) -> bool:
+        """Hand a result to its client's connection (never blocking: a full pipe or a gone client
+        is a False). Only a connection authenticated with the result's owner key has that route."""
+        assert self.results is not None
+        link = self.client_links.get(route)
+        if link is None:
+            return False
+        link.tx += 1
+        header = replace(result.header, ls=link.tx)
+        try:
+            self.results.send_multipart([route, pack_header(header), *result.frames], flags=zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as exc:
+            link.tx -= 1
+            if exc.errno == zmq.EHOSTUNREACH:  # that connection is gone
+                self.client_links.pop(route, None)
+                if self.routes.get(link.target) == route:
+                    del self.routes[link.target]
+            return False  # EAGAIN: its pipe is full, it is not reading
+        if result.sent_at:
+            self.counters.resends += 1
+        log.debug("sent %s to client %s", result.header.label, link.target[1])
+        result.route, result.ls, result.sent_at = route, link.tx, now
+        self.counters.bytes_out += result.nbytes
+        self.held.pop(result.rid, None)
+        self.unacked[result.rid] = result
+        return True
+
+    def _hold(self, result: _Result, now: float) -> None:
+        """Keep a result its client's connection could not take (not connected, not reading)."""
+        self.unacked.pop(result.rid, None)
+        if result.rid not in self.held:
+            self.counters.held += 1
+            self.held[result.rid] = result
+        result.route = None
+        self._release(result, now)
+
+    def _release(self, result: _Result, now: float) -> None:
+        """Keep the result on our own account and let upstream forget it: a client that is absent
+        or not reading must never hold the pipeline's credit. Bounded per client and in bytes."""
+        if result.released:
             return
-        self.held_bytes -= result.nbytes
-        self.counters.undeliverable += 1
-        if self.stopping_since is not None:
-            self.held_undelivered_at_stop += 1
-        entry = self.table.pop(result.rid, None)
-        if entry is not None:
-            self._remember(result.rid, entry.attempt)
-        self.warn(logging.WARNING, "undeliverable",
-                  f"undeliverable {result.header.label}: {why}; dropped (the client sends it again if it still "
-                  "wants it)")
+        result.released = True
+        result.deadline = now + self.config.hold_s
+        self.kept_bytes += result.nbytes
+        self._release_upstream(result.rid)
+        target = (result.rid[0], result.rid[1])
+        mine = [r for r in (*self.held.values(), *self.unacked.values())
+                if r.released and (r.rid[0], r.rid[1]) == target]
+        while len(mine) > self.config.hold_per_client:
+            self._give_up_result(mine.pop(0), f"more than {self.config.hold_per_client} results kept for this client")
+        while self.kept_bytes > self.config.hold_bytes:
+            oldest = next((r for r in (*self.held.values(), *self.unacked.values()) if r.released), None)
+            if oldest is None or oldest is result:
+                break
+            self._give_up_result(oldest, "results kept for absent clients above the byte limit")
+
+    def _give_up_result(self, result: _Result, why: str) -> None:
+        if result.rid in self.held:
+            del self.held[result.rid]
+            self.counters.undeliverable += 1
+            if self.stopping_since is not None:
+                self.held_undelivered_at_stop += 1
+            self.warn(logging.WARNING, "undeliverable",
+                      f"undeliverable {result.header.label}: {why}; dropped (the client sends it again if it still "
+                      "wants it)")
+        elif self.unacked.pop(result.rid, None) is not None:
+            log.debug("%s was handed to its client but never acknowledged (%s); forgotten", result.header.label, why)
+        else:
+            return
+        self._forget_result(result)
 
     def _deliverable(self, result: _Result) -> bool:
-        route = self.routes.get((result.rid[0], result.rid[1]))
-        return route is not None and route in self.client_links and self.client_links[route].peer.up
+        return self.routes.get((result.rid[0], result.rid[1])) is not None
 
     def _redeliver(self, target: tuple[str, str], now: float) -> None:
+        """The client (re)connected: what it has not acknowledged goes to its current connection."""
         route = self.routes.get(target)
         if route is None:
             return
@@ -1035,8 +1059,6 @@ class _StageIO:
         for result in [r for r in self.held.values() if (r.rid[0], r.rid[1]) == target]:
             if not self._send_result(result, route, now):
                 break
-            self.held.pop(result.rid, None)
-            self.held_bytes -= result.nbytes
 
     # -- timers
 
@@ -1070,40 +1092,33 @@ class _StageIO:
     def _client_timers(self, now: float) -> None:
         ack_grace = max(2.0, 4 * self.config.heartbeat_s)
         for route, link in list(self.client_links.items()):
-            if link.peer.check_silence(now, self.timeout_s):
-                for result in [r for r in self.unacked.values() if r.route == route]:
-                    self._hold(result, now)
+            link.peer.check_silence(now, self.timeout_s)  # a busy client is silent; only status shows it
             if not link.peer.up and now - link.peer.last_seen > PURGE_AFTER_S:
                 del self.client_links[route]
                 if self.routes.get(link.target) == route:
                     del self.routes[link.target]
                 continue
-            if link.peer.up and now >= link.next_hb:
+            if link.peer.up and now >= link.next_hb:  # a silent client gets none: they would fill its pipe
                 hb = Heartbeat(self.inc, "stage", self.stage, self.config.device, "", self.config.deployment,
                                self.config.generation, None, link.tx, 0)
                 with contextlib.suppress(zmq.ZMQError):
                     self.results.send_multipart([route, encode_heartbeat(hb)], flags=zmq.NOBLOCK)
                 link.next_hb = now + self.config.heartbeat_s
-        for result in [r for r in self.unacked.values() if now - r.sent_at > ack_grace]:
-            if self.stopping_since is not None:
-                continue  # handed to a connected client while stopping: it has them in its socket
-            self._hold(result, now)  # sent but not acknowledged: the client is not reading
+        for result in list(self.unacked.values()):
+            if self.stopping_since is not None and now - result.sent_at > min(1.0, ack_grace):
+                # In a connected client's socket when we stop: as good as delivered.
+                self.unacked.pop(result.rid)
+                self.counters.requests_out += 1
+                self._forget_result(result)
+            elif not result.released and now - result.sent_at > ack_grace:
+                self._release(result, now)  # handed over, not acknowledged: the client is busy or gone
+            elif result.released and now >= result.deadline:
+                self._give_up_result(result, f"not acknowledged within {self.config.hold_s:g} s")
         for result in list(self.held.values()):
             if now >= result.deadline:
-                self._undeliverable(result, f"client not reachable at --results for {self.config.hold_s:g} s")
+                self._give_up_result(result, f"client not reachable at --results for {self.config.hold_s:g} s")
             elif self._deliverable(result):
-                route = self.routes[(result.rid[0], result.rid[1])]
-                if self._send_result(result, route, now):
-                    self.held.pop(result.rid, None)
-                    self.held_bytes -= result.nbytes
-        if self.stopping_since is not None:
-            for result in list(self.unacked.values()):  # in a connected client's socket: as good as delivered
-                if now - result.sent_at > min(1.0, ack_grace):
-                    self.unacked.pop(result.rid)
-                    self.counters.requests_out += 1
-                    entry = self.table.pop(result.rid, None)
-                    if entry is not None:
-                        self._remember(result.rid, entry.attempt)
+                self._send_result(result, self.routes[(result.rid[0], result.rid[1])], now)
 
     def _warn_no_downstream(self, now: float) -> None:
         assert self.outbox is not None
@@ -1142,7 +1157,7 @@ class _StageIO:
             "queue_msgs": len(queued) + self.in_compute,
             "queue_bytes": sum(sum(a.nbytes for a in w.arrays) for w in queued),
             "inflight_msgs": inflight_msgs, "inflight_bytes": inflight_bytes,
-            "held_msgs": len(self.held), "held_bytes": self.held_bytes,
+            "held_msgs": len(self.held), "held_bytes": self.kept_bytes,
             "peers_down": sum(1 for n in neighbours if n["state"] == "down" and n["role"] != "client"),
             "neighbours": neighbours,
             "stopping": self.stopping_since is not None,
