@@ -355,14 +355,14 @@ def serve(config: AgentConfig, stop: threading.Event, abort: threading.Event | N
     manifest = load_bundle(config.bundle_dir)
     session = create_session(config.bundle_dir, manifest, config.threads)
     limits = stage_limits(manifest.inputs, config.max_batch, config.max_frame_bytes)
-    if config.insecure:
-        log.warning("INSECURE: the data sockets of this stage accept any peer and carry tensors in plaintext "
-                    "(--insecure); anyone who can reach %s can submit or inject data", config.listen)
     ctx = new_context()
     io: _StageIO | None = None
     compute: threading.Thread | None = None
     try:
         io = _StageIO(config, manifest, limits, ctx, stop, abort, status or StageStatus())
+        if config.insecure:
+            log.warning("INSECURE: the data sockets of this stage accept any peer and carry tensors in plaintext "
+                        "(--insecure); anyone who can reach %s can submit, inject or read data", io.listen_endpoint)
         compute = threading.Thread(target=_guard, name="compute", daemon=True,
                                    args=(_compute_loop, session, io.work_q, io.done_q, io.bell_ring,
                                          [i.name for i in manifest.inputs], [o.name for o in session.get_outputs()],
@@ -483,28 +483,15 @@ class _StageIO:
         self._socks: list[zmq.Socket] = []
         self.bell_ring, self.bell = doorbell(ctx, f"stage-bell-{id(self)}")
         self._socks.append(self.bell)
-        keypair = config.keypair
-        listen_auth = ServerAuth(keypair, config.allow) if self.secure else INSECURE
-        self.listen = bind_data(ctx, config.listen, auth=listen_auth, max_frame_bytes=frame_limit(limits))
-        self._socks.append(self.listen)
-        self.listen_endpoint = bound_endpoint(self.listen)
+        self.listen_endpoint = ""
         self.results: zmq.Socket | None = None
         self.results_endpoint: str | None = None
         self.outbox: Outbox | None = None
-        if self.is_exit:
-            auth = ServerAuth(keypair, config.allow_clients) if self.secure else INSECURE
-            self.results = bind_results(ctx, config.results, auth=auth)
-            self._socks.append(self.results)
-            self.results_endpoint = bound_endpoint(self.results)
-        else:
-            replicas = []
-            for hop in config.next:
-                auth = ClientAuth(keypair, hop.key) if self.secure else INSECURE
-                sock = connect_data(ctx, hop.endpoint, auth=auth)
-                self._socks.append(sock)
-                key = hop.key.decode() if hop.key else None
-                replicas.append(Replica(sock, Neighbour("downstream", hop.endpoint, key), hop.weight))
-            self.outbox = Outbox(replicas, self.me, config.heartbeat_s, self.warn)
+        try:
+            self._open_sockets(ctx)
+        except BaseException:
+            self.close()  # what was opened, or the context could never terminate
+            raise
         # request state
         self.table: dict[RequestId, _Entry] = {}
         self.recent: OrderedDict[RequestId, int] = OrderedDict()  # completed id -> attempt
@@ -520,6 +507,27 @@ class _StageIO:
         self.kept_bytes = 0  # results kept on our own account (released upstream), bounded by hold_bytes
         self.held_undelivered_at_stop = 0
         self.stopping_since: float | None = None
+
+    def _open_sockets(self, ctx: zmq.Context) -> None:
+        config, keypair = self.config, self.config.keypair
+        listen_auth = ServerAuth(keypair, config.allow) if self.secure else INSECURE
+        self.listen = bind_data(ctx, config.listen, auth=listen_auth, max_frame_bytes=frame_limit(self.limits))
+        self._socks.append(self.listen)
+        self.listen_endpoint = bound_endpoint(self.listen)
+        if self.is_exit:
+            auth = ServerAuth(keypair, config.allow_clients) if self.secure else INSECURE
+            self.results = bind_results(ctx, config.results, auth=auth)
+            self._socks.append(self.results)
+            self.results_endpoint = bound_endpoint(self.results)
+        else:
+            replicas = []
+            for hop in config.next:
+                auth = ClientAuth(keypair, hop.key) if self.secure else INSECURE
+                sock = connect_data(ctx, hop.endpoint, auth=auth)
+                self._socks.append(sock)
+                key = hop.key.decode() if hop.key else None
+                replicas.append(Replica(sock, Neighbour("downstream", hop.endpoint, key), hop.weight))
+            self.outbox = Outbox(replicas, self.me, config.heartbeat_s, self.warn)
 
     # -- lifecycle
 
