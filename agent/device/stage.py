@@ -299,13 +299,25 @@ class Counters:
 
 
 class StageStatus:
-    """The latest status snapshot, published by the I/O thread and read by the control thread."""
+    """The stage's status for another thread (the control endpoint's): calling it asks the I/O
+    thread for a fresh snapshot (it publishes one within a loop tick) and returns it; if the I/O
+    thread does not answer in time (it is stopping), the last one."""
 
     def __init__(self) -> None:
         self.snapshot: dict[str, Any] = {}
+        self.wanted = threading.Event()
+        self.published = threading.Event()
 
-    def __call__(self) -> dict[str, Any]:
+    def __call__(self, timeout_s: float = 0.5) -> dict[str, Any]:
+        self.published.clear()
+        self.wanted.set()
+        self.published.wait(timeout_s)
         return dict(self.snapshot)
+
+    def publish(self, snapshot: dict[str, Any]) -> None:
+        self.snapshot = snapshot
+        self.wanted.clear()
+        self.published.set()
 
 
 class _Busy:
@@ -369,6 +381,7 @@ def serve(config: AgentConfig, stop: threading.Event, abort: threading.Event | N
                                          manifest.stage_index, config.codec, io.busy, io.counters))
         compute.start()
         io.compute_thread = compute
+        io.status.publish(io.status_now(time.monotonic()))  # never empty once we say we are ready
         if config.ready_file:
             _write_ready(config.ready_file, io.ready_info())
         log.info("ready stage=%d/%d model=%s listen=%s %s threads=%d max_batch=%d codec=%s %s pid=%d",
@@ -579,12 +592,12 @@ class _StageIO:
                 self.outbox.pump(now)
             self._timers(now)
             self._flush_acks()
-            if now >= next_status:
-                self.status.snapshot = self._status(now)
-                next_status = now + 0.25
+            if now >= next_status or self.status.wanted.is_set():
+                self.status.publish(self.status_now(now))
+                next_status = now + 1.0
             finished = self._check_stop(now)
             if finished is not None:
-                self.status.snapshot = self._status(now)
+                self.status.publish(self.status_now(now))
                 return finished
 
     def _check_stop(self, now: float) -> int | None:
@@ -1141,7 +1154,7 @@ class _StageIO:
 
     # -- status
 
-    def _status(self, now: float) -> dict[str, Any]:
+    def status_now(self, now: float) -> dict[str, Any]:
         m, c = self.manifest, self.counters
         role = ("single" if self.is_exit else "entry") if self.is_entry else ("exit" if self.is_exit else "middle")
         queued = [w for p in self.principals.values() for w in p.waiting]

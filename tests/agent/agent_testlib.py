@@ -233,13 +233,19 @@ class RawPeer:
         with contextlib.suppress(zmq.Again):
             self.sock.send(encode_heartbeat(hb), zmq.NOBLOCK)
 
-    def send(self, frames: list) -> None:
+    def send(self, frames: list) -> bool:
+        """False if nothing could take it (no completed connection, or a full pipe)."""
+        try:
+            self.sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return False
         self.tx += 1
-        self.sock.send_multipart(frames, copy=False)
+        return True
 
     def ack(self, rids: list) -> None:
         for message in ack_messages(rids, []):
-            self.sock.send(message)
+            with contextlib.suppress(zmq.Again):
+                self.sock.send(message, zmq.NOBLOCK)
 
     def messages(self, timeout_s: float) -> list:
         """Every message that arrives within ``timeout_s`` (parsed; raw frames if unparseable)."""
