@@ -237,16 +237,10 @@ class Client:
         path = None
         if not isinstance(endpoints, Endpoints):
             path = Path(endpoints)
-            try:
-                endpoints = load_endpoints(path)
-            except EndpointsError as exc:
-                raise ClientError(str(exc)) from None
+            endpoints = load_endpoints(path)  # EndpointsError names what is wrong
         insecure = endpoints.insecure
         if not insecure and keypair is None:
-            try:
-                keypair = default_client_keypair()
-            except KeyFileError as exc:
-                raise ClientError(f"no client key given and {exc}") from None
+            keypair = default_client_keypair()  # KeyFileError says where it looked
         client = cls([p.endpoint for p in endpoints.entry], [p.endpoint for p in endpoints.exit],
                      keypair=keypair, insecure=insecure,
                      entry_key=None if insecure else [p.public_key for p in endpoints.entry],

@@ -17,6 +17,7 @@ import typer
 from edgepipe.agent.client.client import Client, ClientError, Result
 from edgepipe.agent.client.report import ReportError, compare, print_prediction, read_prediction
 from edgepipe.agent.formats.bundle import BundleError, read_manifest
+from edgepipe.agent.formats.endpoints import EndpointsError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -44,6 +45,8 @@ class Report:
     errors: list[str]
     command: str
     machine: str
+    planned: int = 0  # requests the run was to send (more than ``requests`` if interrupted)
+    interrupted: bool = False  # Ctrl-C: the report covers the results that had arrived
 
 
 def percentile_ms(values: list[float], q: float) -> float:
@@ -129,21 +132,69 @@ def input_spec(bundle: Path | None, shape: str | None, dtype: str) -> tuple[str,
 Outcome = Result | ClientError
 
 
+def make_client(entry: str | None, exit_: str | None, endpoints: Path | None, key: Path | None,
+                entry_key: str | None, exit_key: str | None, insecure: bool, **options: object) -> Client:
+    """The client the options describe: from an endpoints file, or from ENTRY and EXIT with the
+    devices' public keys; this client's key from --key or the key directory; or --insecure."""
+    from edgepipe.agent.formats.keys import KeyFileError, key_dir, load_keypair
+
+    try:
+        keypair = None if insecure or (endpoints is not None and key is None) else \
+            load_keypair(key or key_dir() / "client.key_secret")
+    except KeyFileError as exc:
+        raise SubmitError(f"--key: {exc}") from None
+    if endpoints is not None:
+        if entry or exit_:
+            raise SubmitError("give ENTRY and EXIT, or --endpoints FILE, not both")
+        return Client.from_endpoints(endpoints, keypair, **options)
+    if not entry or not exit_:
+        raise SubmitError("give ENTRY and EXIT (the first stage's --listen and the last stage's --results), "
+                          "or --endpoints FILE")
+    from edgepipe.agent.transport import TransportError, check_endpoint
+
+    try:
+        check_endpoint(entry, "ENTRY")
+        check_endpoint(exit_, "EXIT")
+    except TransportError as exc:
+        raise SubmitError(str(exc)) from None
+    if insecure:
+        return Client(entry, exit_, insecure=True, **options)
+    if not entry_key or not exit_key:
+        raise SubmitError("a secure pipeline needs --entry-key and --exit-key (the first and last devices' public "
+                          "keys), or --endpoints FILE; or --insecure for one started with --insecure")
+    return Client(entry, exit_, keypair=keypair, entry_key=entry_key, exit_key=exit_key, **options)
+
+
+def endpoints_input_spec(endpoints: Path) -> tuple[str, tuple[int, ...], str] | None:
+    """(input name, per-sample shape, dtype) of a single-input model, from its endpoints file."""
+    from edgepipe.agent.formats.endpoints import load_endpoints
+
+    inputs = load_endpoints(endpoints).inputs
+    if len(inputs) != 1 or not all(isinstance(d, int) for d in inputs[0].shape[1:]):
+        return None
+    return inputs[0].name, tuple(int(d) for d in inputs[0].shape[1:]), inputs[0].dtype
+
+
 def submit_all(client: Client, batches: list[np.ndarray], name: str, warmup: int,
                on_result: Callable[[Outcome], None] | None = None) -> tuple[list[Outcome], float]:
-    """Warm up, then push every batch through ``client.results``; return outcomes and wall time."""
+    """Warm up, then push every batch through ``client.results``; return outcomes and wall time.
+    On Ctrl-C, return what had arrived (KeyboardInterrupt is not raised)."""
     def named(batch: np.ndarray) -> dict[str, np.ndarray] | np.ndarray:
         return {name: batch} if name else batch
 
-    for outcome in client.results([named(batches[0])] * warmup, errors="return"):
-        if isinstance(outcome, ClientError):
-            raise outcome
     outcomes: list[Result | ClientError] = []
     start = time.perf_counter()
-    for outcome in client.results((named(b) for b in batches), errors="return"):
-        outcomes.append(outcome)
-        if on_result:
-            on_result(outcome)
+    try:
+        for outcome in client.results([named(batches[0])] * warmup, errors="return"):
+            if isinstance(outcome, ClientError):
+                raise outcome
+        start = time.perf_counter()
+        for outcome in client.results((named(b) for b in batches), errors="return"):
+            outcomes.append(outcome)
+            if on_result:
+                on_result(outcome)
+    except KeyboardInterrupt:
+        pass  # the caller sees fewer outcomes than batches
     return outcomes, time.perf_counter() - start
 
 
@@ -152,7 +203,7 @@ def make_report(outcomes: list[Result | ClientError], batches: list[np.ndarray],
     ok = [o for o in outcomes if isinstance(o, Result)]
     bad = [o for o in outcomes if not isinstance(o, Result)]
     latencies = [r.latency_s for r in ok]
-    samples = sum(b.shape[0] for b, o in zip(batches, outcomes, strict=True) if isinstance(o, Result))
+    samples = sum(b.shape[0] for b, o in zip(batches, outcomes, strict=False) if isinstance(o, Result))
     compute, overhead = stage_medians(ok)
     return Report(
         requests=len(outcomes), samples=samples, failed=len(bad), wall_s=wall_s,
@@ -162,6 +213,7 @@ def make_report(outcomes: list[Result | ClientError], batches: list[np.ndarray],
         stage_compute_ms=compute, stage_overhead_ms=overhead, errors=[str(e) for e in bad[:10]],
         command=shlex.join(["edgepipe-submit", *sys.argv[1:]]),
         machine=f"{platform.node()} {platform.machine()} {platform.processor() or ''}".strip(),
+        planned=len(batches), interrupted=len(outcomes) < len(batches),
     )
 
 
@@ -184,7 +236,9 @@ def print_report(report: Report) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="edgepipe-submit", show_header=False)
+    title = "edgepipe-submit" + (f" (interrupted: {report.requests} of {report.planned} requests done)"
+                                  if report.interrupted else "")
+    table = Table(title=title, show_header=False)
     table.add_row("requests (failed)", f"{report.requests} ({report.failed})")
     table.add_row("samples", str(report.samples))
     table.add_row("wall time", f"{report.wall_s:.3f} s")
@@ -202,8 +256,19 @@ def print_report(report: Report) -> None:
 
 @app.command()
 def submit(
-    entry: str = typer.Argument(..., metavar="ENTRY", help="First agent's --listen, e.g. tcp://dev0:5550."),
-    exit_: str = typer.Argument(..., metavar="EXIT", help="Last agent's --results address, e.g. tcp://dev2:5551."),
+    entry: str | None = typer.Argument(None, metavar="[ENTRY]", help="First agent's --listen, e.g. tcp://dev0:5550 "
+                                       "(or --endpoints)."),
+    exit_: str | None = typer.Argument(None, metavar="[EXIT]", help="Last agent's --results address, e.g. "
+                                       "tcp://dev2:5551."),
+    endpoints: Path | None = typer.Option(None, "--endpoints", help="The deployment's endpoints.json (addresses, "
+                                          "public keys, model inputs) instead of ENTRY and EXIT."),
+    key: Path | None = typer.Option(None, "--key", help="This client's secret key file "
+                                    "[$EDGEPIPE_KEYS/client.key_secret, else ~/.config/edgepipe/keys/...]."),
+    entry_key: str | None = typer.Option(None, "--entry-key", help="The first device's public key (Z85 or .key file)."),
+    exit_key: str | None = typer.Option(None, "--exit-key", help="The last device's public key (Z85 or .key file)."),
+    insecure: bool = typer.Option(False, "--insecure", help="Plaintext, unauthenticated: only for a pipeline "
+                                  "started with --insecure."),
+    codec: str = typer.Option("raw", "--codec", help="Compress float32 inputs on the way in: raw, fp16 or int8."),
     random: bool = typer.Option(False, "--random", help="Send random data (the default)."),
     npy: Path | None = typer.Option(None, "--npy", help="A .npy array of samples (axis 0)."),
     images: Path | None = typer.Option(None, "--images", help="A folder of images (needs Pillow)."),
@@ -214,8 +279,11 @@ def submit(
     count: int | None = typer.Option(None, "--count", "-n", min=1,
                                      help="Number of microbatches [8 for --random; all data otherwise]."),
     window: int = typer.Option(8, "--window", min=1, help="Requests in flight."),
-    timeout_s: float = typer.Option(30.0, "--timeout-s", help="Resend a request after this long."),
-    retries: int = typer.Option(2, "--retries", min=0, help="Resends before a request fails."),
+    timeout_s: float | None = typer.Option(None, "--timeout-s", help="Last resort: send a request again when "
+                                           "its result has not come after this long [5x the slowest recent "
+                                           "latency, at least 30 s; 120 s before the first result]. Faults are "
+                                           "handled without it."),
+    retries: int = typer.Option(2, "--retries", min=0, help="Last-resort resends before a request fails."),
     warmup: int = typer.Option(1, "--warmup", min=0, help="Microbatches sent first and not measured."),
     image_size: int = typer.Option(224, "--image-size", help="Square image size for --images."),
     mean: str = typer.Option("0.5,0.5,0.5", "--mean", help="Per-channel mean for --images (timm ViT)."),
@@ -230,14 +298,18 @@ def submit(
 
     With --report PLAN.json (the plan the stages were compiled from), also print each stage's
     predicted vs measured compute and send time, the throughput error and the bottleneck.
+    Ctrl-C prints the report of what has arrived so far (exit code 130).
 
-    Example: edgepipe-submit tcp://dev0:5550 tcp://dev2:5551 --bundle stage-0 --random -b 8 -n 32
+    Example: edgepipe-submit --endpoints build/vitb/endpoints.json --key client.key_secret --random -b 8 -n 32
+
+    or: edgepipe-submit tcp://dev0:5550 tcp://dev2:5551 --entry-key K0 --exit-key K2 --bundle stage-0 -n 32
     """
     if sum(x is not None and x is not False for x in (npy, images)) + random > 1:
         raise _fail("give only one of --random, --npy, --images")
     try:
         prediction = read_prediction(plan) if plan is not None else None
-        name, sample_shape, sample_dtype = input_spec(bundle, shape, dtype)
+        spec = endpoints_input_spec(endpoints) if endpoints is not None and bundle is None and shape is None else None
+        name, sample_shape, sample_dtype = spec or input_spec(bundle, shape, dtype)
         if npy is not None:
             try:
                 data = np.load(npy, allow_pickle=False)
@@ -249,11 +321,18 @@ def submit(
             batches = batches_from_array(data, batch, count)
         else:
             batches = random_batches(sample_shape, sample_dtype, batch, count or 8, seed)
-    except (SubmitError, BundleError, ReportError, TypeError) as exc:
+        client = make_client(entry, exit_, endpoints, key, entry_key, exit_key, insecure, window=window,
+                             timeout_s=timeout_s, retries=retries, codec=codec)
+    except (SubmitError, BundleError, ReportError, TypeError, ValueError, EndpointsError) as exc:
         raise _fail(str(exc)) from None
+    except ClientError as exc:
+        raise _fail(str(exc), code=1) from None
+    if insecure:
+        typer.echo("edgepipe-submit: warning: --insecure: requests and results travel unauthenticated, in "
+                   "plaintext", err=True)
 
     try:
-        with Client(entry, exit_, window=window, timeout_s=timeout_s, retries=retries) as client:
+        with client:
             outcomes, wall = _run_with_progress(client, batches, name, warmup, quiet=as_json)
             report = make_report(outcomes, batches, wall, client)
     except (ClientError, ValueError) as exc:
@@ -276,7 +355,7 @@ def submit(
         print_report(report)
         if compared is not None:
             print_prediction(compared)
-    raise typer.Exit(1 if report.failed else 0)
+    raise typer.Exit(130 if report.interrupted else 1 if report.failed else 0)
 
 
 def _run_with_progress(client: Client, batches: list[np.ndarray], name: str, warmup: int,

@@ -28,7 +28,7 @@ def test_unknown_key_gets_no_tensor_in(toy_pipeline: LocalPipeline) -> None:
         assert peer.data(1.0) == []
     with Client(toy_pipeline.entry, toy_pipeline.exit, keypair=stranger, entry_key=toy_pipeline.stage_keys(0)[0],
                 exit_key=toy_pipeline.stage_keys(2)[0], timeout_s=1.0) as client, \
-            pytest.raises(ClientError, match="no answer from the entry .* this client's key in its --allow"):
+            pytest.raises(ClientError, match=r"no answer from the entry .* this client.s key in its --allow"):
         client.run(X)
     after = toy_pipeline.status(0)
     assert after["requests_in"] == before["requests_in"]  # 0 tensors accepted
