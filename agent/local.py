@@ -162,6 +162,13 @@ class LocalPipeline:
         return Client(self.entries, self.exits, entry_key=self.stage_keys(0),
                       exit_key=self.stage_keys(len(self.bundle_dirs) - 1), **kwargs)
 
+    def submit_args(self) -> list[str]:
+        """``edgepipe-submit`` arguments that reach this pipeline: ENTRY EXIT and the keys (or --insecure)."""
+        if self.insecure:
+            return [self.entry, self.exit, "--insecure"]
+        return [self.entry, self.exit, "--entry-key", self.stage_keys(0)[0], "--exit-key",
+                self.stage_keys(len(self.bundle_dirs) - 1)[0], "--key", str(self.client_key_file)]
+
     def endpoints(self) -> Endpoints:
         first, last = read_manifest(self.bundle_dirs[0]), read_manifest(self.bundle_dirs[-1])
         entry_keys = self.stage_keys(0) or [None] * len(self.entries)

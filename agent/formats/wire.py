@@ -288,10 +288,10 @@ def parse(frames: Sequence[Any], limits: Limits) -> Message:
     raw = _raw_header(frames, limits)
     kind = raw.get("kind")
     if kind in CONTROL_KINDS:
-        _check_version(raw.get("v"))
         if len(frames) != 1:
             raise ProtocolError(f"a {kind} message is one frame, got {len(frames)}")
         try:
+            _check_version(raw.get("v"))
             return _heartbeat(raw) if kind == "hb" else _ack(raw)
         except ValueError as exc:
             raise ProtocolError(f"bad {kind} message: {exc}") from None

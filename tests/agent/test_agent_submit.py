@@ -18,14 +18,8 @@ from edgepipe.agent.local import LocalPipeline
 SUBMIT = str(Path(sys.executable).parent / "edgepipe-submit")
 
 
-def _keys(pipe: LocalPipeline) -> list[str]:
-    return ["--entry-key", pipe.stage_keys(0)[0], "--exit-key", pipe.stage_keys(len(pipe.bundle_dirs) - 1)[0],
-            "--key", str(pipe.client_key_file)]
-
-
 def _submit(pipe: LocalPipeline, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([SUBMIT, pipe.entry, pipe.exit, *_keys(pipe), *args], capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run([SUBMIT, *pipe.submit_args(), *args], capture_output=True, text=True, timeout=120)
 
 
 def test_random_batches_report_throughput_latency_and_stages(toy_pipeline: LocalPipeline,
@@ -143,7 +137,7 @@ def test_client_from_endpoints(toy_pipeline: LocalPipeline, tmp_path: Path) -> N
 def test_ctrl_c_prints_the_report_of_what_arrived(tmp_path: Path) -> None:
     dirs = build_slow_pipeline(tmp_path / "slow", matmuls=16)
     with LocalPipeline(dirs, log_dir=tmp_path / "logs", log_level="debug") as pipe:
-        proc = subprocess.Popen([SUBMIT, pipe.entry, pipe.exit, *_keys(pipe), "--shape", "16", "-b", "1", "-n", "40",
+        proc = subprocess.Popen([SUBMIT, *pipe.submit_args(), "--shape", "16", "-b", "1", "-n", "40",
                                  "--window", "2", "--warmup", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)
         try:
