@@ -63,6 +63,44 @@ class AgentProcess:
     control: str | None = None  # its --control endpoint, if started with one
 
 
+@dataclass(frozen=True)
+class PipelineKeys:
+    """Throwaway keys for a pipeline started by hand (benchmarks on the testbed): one keypair per
+    stage (one replica each) and one for the client, secret files 0600 in ``directory``. Gives each
+    agent's security options and the client's keyword arguments, so the run is as secure as a real
+    deployment."""
+
+    stages: tuple[tuple[KeyPair, Path], ...]  # (keypair, secret file) per stage
+    client: tuple[KeyPair, Path]
+
+    @staticmethod
+    def make(directory: Path | str, stages: int) -> PipelineKeys:
+        directory = Path(directory)
+        stage_keys = tuple(generate_keypair(directory, f"stage{i}", overwrite=True)[::2] for i in range(stages))
+        return PipelineKeys(stage_keys, generate_keypair(directory, "client", overwrite=True)[::2])
+
+    def serve_args(self, index: int) -> list[str]:
+        """--key, --allow (previous stage, or the client for stage 0), --next-key (next stage), and
+        --allow-client on the last stage. Add --next ENDPOINT (or --results) as usual."""
+        upstream = self.client if index == 0 else self.stages[index - 1]
+        args = ["--key", str(self.stages[index][1]), "--allow", upstream[0].public_text]
+        if index + 1 < len(self.stages):
+            args += ["--next-key", self.stages[index + 1][0].public_text]
+        else:
+            args += ["--allow-client", self.client[0].public_text]
+        return args
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """keypair, entry_key and exit_key for Client(entry, exit, **kwargs)."""
+        return {"keypair": self.client[0], "entry_key": self.stages[0][0].public_text,
+                "exit_key": self.stages[-1][0].public_text}
+
+    def submit_args(self) -> list[str]:
+        """--key, --entry-key and --exit-key for edgepipe-submit."""
+        return ["--key", str(self.client[1]), "--entry-key", self.stages[0][0].public_text,
+                "--exit-key", self.stages[-1][0].public_text]
+
+
 def agent_command(bundle_dir: Path, listen: str, next_: Sequence[tuple[str, str | None]], results: str | None,
                   ready_file: Path, threads: int, cpus: str | None, log_level: str, max_batch: int,
                   extra: Sequence[str] = (), *, key_file: Path | None = None, allow: Sequence[str] = (),

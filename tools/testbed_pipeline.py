@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from edgepipe.agent.client import Client
 from edgepipe.agent.formats.bundle import read_manifest
+from edgepipe.agent.local import PipelineKeys
 from testbed import Testbed
 
 DATA_PORT, RESULTS_PORT = 5550, 5551
@@ -47,6 +48,7 @@ def run_on_testbed(cluster_path: Path, bundle_dirs: list[Path], stage_devices: l
     workdir = Path(workdir or bundle_dirs[0].parent).resolve()
     first = read_manifest(bundle_dirs[0]).inputs[0]
     n = len(stage_devices)
+    keys = PipelineKeys.make(workdir / "keys", n)  # secure, as a real deployment is
     with Testbed(cluster_path, name=f"bench-{uuid.uuid4().hex[:8]}") as bed:
         procs: dict[int, subprocess.Popen] = {}
         ready = [workdir / f"ready-{i}.json" for i in range(n)]
@@ -55,7 +57,7 @@ def run_on_testbed(cluster_path: Path, bundle_dirs: list[Path], stage_devices: l
             ready[i].unlink(missing_ok=True)
             argv = [AGENT, "serve", str(Path(bundle_dirs[i]).resolve()), "--listen", bed.endpoint(name, DATA_PORT),
                     "--threads", str(threads), "--ready-file", str(ready[i]), "--log-level", "warning",
-                    "--max-batch", str(max(len(b) for b in batches))]
+                    "--max-batch", str(max(len(b) for b in batches)), *keys.serve_args(i)]
             if i + 1 < n:
                 argv += ["--next", bed.endpoint(stage_devices[i + 1], DATA_PORT)]
             else:
@@ -63,7 +65,7 @@ def run_on_testbed(cluster_path: Path, bundle_dirs: list[Path], stage_devices: l
             procs[i] = bed.run_in(name, argv, stderr=subprocess.PIPE, text=True)
         _wait_ready(ready, list(procs.values()))
         entry, exit_ = bed.endpoint(stage_devices[0], DATA_PORT), bed.endpoint(stage_devices[-1], RESULTS_PORT)
-        with Client(entry, exit_, timeout_s=timeout_s, window=n + 2) as client:
+        with Client(entry, exit_, timeout_s=timeout_s, window=n + 2, **keys.client_kwargs()) as client:
             for batch in batches[:warmup]:
                 client.run({first.name: batch})
             results = list(client.results({first.name: b} for b in batches[warmup:]))
