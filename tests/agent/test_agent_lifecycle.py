@@ -20,6 +20,7 @@ from agent_testlib import (
     blocked_imports_env,
     build_slow_pipeline,
     exit_counts,
+    free_endpoint,
     process_alive,
     toy_input,
     toy_reference,
@@ -269,3 +270,45 @@ def test_agent_runs_with_torch_and_onnx_unimportable(toy_bundles: list[Path], tm
         for seed in range(5):
             x = toy_input(1 + seed, seed)
             np.testing.assert_allclose(client.run(x)["out"], toy_reference(x)["out"], atol=1e-5)
+
+
+def test_sigterm_with_the_next_stage_gone_exits_promptly_and_says_what_it_held(toy_bundles: list[Path],
+                                                                                tmp_path: Path) -> None:
+    """Stages 1 and 2 are killed; stage 0 holds what the client sent (its custody). On SIGTERM it
+    does not wait out the 30 s drain timeout: once the next stage is declared gone it exits with
+    code 1 and a line counting what it could not pass on (nothing is dropped silently)."""
+    with LocalPipeline(toy_bundles, max_batch=8, log_dir=tmp_path / "logs", heartbeat_s=0.2,
+                       log_level="debug") as pipe:
+        pipe.kill(2)
+        pipe.kill(1)
+        with pipe.client(window=3) as client:
+            for seed in range(3):
+                client.submit(toy_input(1, seed))
+            assert wait_for(lambda: pipe.log_text(0).count("computed ") == 3)
+            first = pipe.agent(0).process
+            started = time.monotonic()
+            first.send_signal(signal.SIGTERM)
+            code = first.wait(pipe.stop_timeout_s)
+            took = time.monotonic() - started
+    assert code == 1
+    assert took < pipe.stop_timeout_s  # a failure guard, not a timing claim: it did not need the SIGKILL
+    line = [ln for ln in pipe.log_text(0).splitlines() if "messages not passed on" in ln][-1]
+    assert "3 messages not passed on: the next stage is gone" in line and " WARNING " in line
+
+
+def test_next_stage_that_never_answers_is_warned_about(toy_bundles: list[Path], tmp_path: Path) -> None:
+    ready = tmp_path / "ready.json"
+    proc = subprocess.Popen([AGENT, "serve", str(toy_bundles[0]), "--listen", "tcp://127.0.0.1:0", "--insecure",
+                             "--next", free_endpoint(), "--ready-file", str(ready)],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(ready.exists, timeout_s=60)
+        time.sleep(6)  # the warning comes once the next stage has been silent for 5 s
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0  # nothing was in flight
+    (line,) = [ln for ln in err.splitlines() if "no answer from the next stage" in ln]
+    assert " WARNING " in line and "is it running and listening there, and is --next-key its public key?" in line
