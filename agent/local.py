@@ -139,7 +139,8 @@ class LocalPipeline:
                  log_dir: Path | str | None = None, env: Mapping[str, str] | None = None,
                  agent_args: Sequence[str] = (), stage_args: Mapping[int, Sequence[str]] | None = None,
                  replicas: Mapping[int, int] | None = None, insecure: bool = False,
-                 heartbeat_s: float | None = None, clients: int = 1, control: bool = False) -> None:
+                 heartbeat_s: float | None = None, clients: int = 1, control: bool = False,
+                 extra_client_keys: Sequence[str] = ()) -> None:
         if not bundle_dirs:
             raise ValueError("a pipeline needs at least one bundle directory")
         n = len(bundle_dirs)
@@ -161,6 +162,7 @@ class LocalPipeline:
         if clients < 1:
             raise ValueError("clients: at least 1")
         self.clients = clients
+        self.extra_client_keys = list(extra_client_keys)  # public keys of clients made elsewhere, also allowed
         self.agents: list[AgentProcess] = []
         self.client_keypair: KeyPair | None = None  # the first of client_keypairs
         self.client_key_file: Path | None = None
@@ -335,7 +337,7 @@ class LocalPipeline:
 
     def _allow(self, index: int) -> list[str]:
         if index == 0:
-            return [k.public_text for k in self.client_keypairs]
+            return [k.public_text for k in self.client_keypairs] + self.extra_client_keys
         return [self._keys[(index - 1, r)][0].public_text for r in range(self.replicas[index - 1])]
 
     def _start_one(self, index: int, replica: int, next_hops: list[tuple[str, str | None]],
@@ -353,7 +355,7 @@ class LocalPipeline:
             bundle_dir, f"tcp://{self.host}:0", next_hops, f"tcp://{self.host}:0" if is_last else None, ready,
             self.threads[index], self.cpus[index], self.log_level, self.max_batch,
             [*self.agent_args, *self.stage_args.get(index, [])], key_file=key_file, allow=self._allow(index),
-            allow_clients=[k.public_text for k in self.client_keypairs] if is_last else [],
+            allow_clients=[k.public_text for k in self.client_keypairs] + self.extra_client_keys if is_last else [],
             heartbeat_s=self.heartbeat_s)
         control = _free_endpoint(self.host) if self.control else None
         if control is not None:

@@ -42,9 +42,10 @@ class PipelineRun:
 
 def run_on_testbed(cluster_path: Path, bundle_dirs: list[Path], stage_devices: list[str],
                    batches: list[np.ndarray], threads: int = 1, warmup: int = 1,
-                   timeout_s: float = 600.0, workdir: Path | None = None) -> PipelineRun:
+                   timeout_s: float = 600.0, workdir: Path | None = None, secure: bool = True) -> PipelineRun:
     """Serve ``bundle_dirs`` on ``stage_devices`` and push ``batches`` through (the first ``warmup``
-    batches are sent first and not timed)."""
+    batches are sent first and not timed). ``secure=False`` runs every hop in plaintext
+    (--insecure), for measuring what CurveZMQ costs."""
     workdir = Path(workdir or bundle_dirs[0].parent).resolve()
     first = read_manifest(bundle_dirs[0]).inputs[0]
     n = len(stage_devices)
@@ -57,7 +58,8 @@ def run_on_testbed(cluster_path: Path, bundle_dirs: list[Path], stage_devices: l
             ready[i].unlink(missing_ok=True)
             argv = [AGENT, "serve", str(Path(bundle_dirs[i]).resolve()), "--listen", bed.endpoint(name, DATA_PORT),
                     "--threads", str(threads), "--ready-file", str(ready[i]), "--log-level", "warning",
-                    "--max-batch", str(max(len(b) for b in batches)), *keys.serve_args(i)]
+                    "--max-batch", str(max(len(b) for b in batches)),
+                    *(keys.serve_args(i) if secure else ["--insecure"])]
             if i + 1 < n:
                 argv += ["--next", bed.endpoint(stage_devices[i + 1], DATA_PORT)]
             else:
@@ -65,7 +67,8 @@ def run_on_testbed(cluster_path: Path, bundle_dirs: list[Path], stage_devices: l
             procs[i] = bed.run_in(name, argv, stderr=subprocess.PIPE, text=True)
         _wait_ready(ready, list(procs.values()))
         entry, exit_ = bed.endpoint(stage_devices[0], DATA_PORT), bed.endpoint(stage_devices[-1], RESULTS_PORT)
-        with Client(entry, exit_, timeout_s=timeout_s, window=n + 2, **keys.client_kwargs()) as client:
+        security = keys.client_kwargs() if secure else {"insecure": True}
+        with Client(entry, exit_, timeout_s=timeout_s, window=n + 2, **security) as client:
             for batch in batches[:warmup]:
                 client.run({first.name: batch})
             results = list(client.results({first.name: b} for b in batches[warmup:]))

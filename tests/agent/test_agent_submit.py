@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 from agent_testlib import POISON, build_identity_chain, build_slow_pipeline, toy_input, toy_reference, wait_for
 from edgepipe.agent.client import Client
+from edgepipe.agent.formats.endpoints import save_endpoints
 from edgepipe.agent.local import LocalPipeline
 
 SUBMIT = str(Path(sys.executable).parent / "edgepipe-submit")
@@ -171,3 +173,30 @@ def test_images_folder_is_preprocessed_like_timm(tmp_path: Path) -> None:
     assert out.shape == (3, 3, 32, 32)
     want = (np.array(colors, np.float32) / 255 - 0.5) / 0.5
     np.testing.assert_allclose(out.mean(axis=(2, 3)), want, atol=1e-5)
+
+
+def test_client_follows_a_newer_generation_of_its_endpoints_file(toy_bundles: list[Path], tmp_path: Path) -> None:
+    """The whole deployment is replaced (a re-plan after a lost device would do this): the client
+    notices its entry is gone, re-reads its endpoints file, finds a newer generation, reconnects and
+    sends what was outstanding again. Every result arrives once, correct."""
+    path = tmp_path / "endpoints.json"
+    old = LocalPipeline(toy_bundles, max_batch=8, log_dir=tmp_path / "old", heartbeat_s=0.2).start()
+    try:
+        old.write_endpoints(path)
+        with LocalPipeline(toy_bundles, max_batch=8, log_dir=tmp_path / "new", heartbeat_s=0.2,
+                           extra_client_keys=[old.client_keypair.public_text]) as new, \
+                Client.from_endpoints(path, old.client_keypair, heartbeat_s=0.2) as client:
+            inputs = [toy_input(2, 60 + i) for i in range(12)]
+            seqs = [client.submit(x) for x in inputs[:3]]
+            client.result(seqs[0])
+            for agent in old.agents:  # the old deployment disappears, with requests in flight
+                old.kill(agent.index)
+            endpoints = new.endpoints()
+            save_endpoints(path, dataclasses.replace(endpoints, deployment=old.deployment, generation=2))
+            seqs += [client.submit(x) for x in inputs[3:]]
+            outputs = [client.result(s).outputs for s in seqs[1:]]
+            assert client.generation == 2 and client.entry == new.entry
+    finally:
+        old.stop()
+    for x, out in zip(inputs[1:], outputs, strict=True):
+        np.testing.assert_allclose(out["out"], toy_reference(x)["out"], atol=1e-5)
