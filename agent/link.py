@@ -145,6 +145,12 @@ class RateLimitedLog:
                         if skipped else "")
 
 
+def stamped(header: Header, sent: float) -> Header:
+    """The header with its last trace record's ``send`` set: when the message first left."""
+    *earlier, last = header.trace
+    return replace(header, trace=(*earlier, replace(last, send=sent)))
+
+
 def forgive_own_pause(neighbours: Sequence[Neighbour], gap_s: float) -> None:
     """This process was stopped or starved for ``gap_s``: the silence of everyone else over that
     time says nothing about them, so it is not counted."""
@@ -167,6 +173,7 @@ class Parcel:
     ls: int = 0
     received: bool = False  # the replica said "recv"
     settled: bool = False  # its outcome is known (a client has the result): never send it again
+    stamp_send: bool = False  # set the last trace record's ``send`` to the time it first leaves
     sends: int = 0
     first_sent: float = 0.0  # time.time() of the first send
 
@@ -377,6 +384,8 @@ class Outbox:
         replica.tx += 1
         if not parcel.first_sent:
             parcel.first_sent = time.time()
+            if parcel.stamp_send and parcel.header.trace:
+                parcel.header = stamped(parcel.header, parcel.first_sent)
         header = replace(parcel.header, ls=replica.tx)
         try:
             replica.sock.send_multipart([pack_header(header), *parcel.frames], flags=zmq.NOBLOCK, copy=False)

@@ -80,6 +80,7 @@ from edgepipe.agent.link import (
     RateLimitedLog,
     Replica,
     forgive_own_pause,
+    stamped,
 )
 from edgepipe.agent.transport import (
     INSECURE,
@@ -875,12 +876,13 @@ class _StageIO:
             if entry is None:
                 continue
             entry.state = "out"
+            # ``send`` is set again when it first leaves (it may wait for credit): a placeholder until then.
             header = replace(out.header, trace=(*out.header.trace, replace(out.record, send=time.time())))
             if header.kind == "error":
                 self.counters.errors_out += 1
             nbytes = HEADER_ESTIMATE + sum(_nbytes(f) for f in out.frames)
             if self.outbox is not None:
-                self.outbox.add(Parcel(out.rid, header, out.frames, nbytes))
+                self.outbox.add(Parcel(out.rid, header, out.frames, nbytes, stamp_send=True))
             else:
                 self._deliver(_Result(out.rid, header, out.frames, nbytes), now)
 
@@ -1003,6 +1005,8 @@ class _StageIO:
         if link is None:
             return False
         link.tx += 1
+        if not result.sent_at:
+            result.header = stamped(result.header, time.time())  # the trace says when it first left
         header = replace(result.header, ls=link.tx)
         try:
             self.results.send_multipart([route, pack_header(header), *result.frames], flags=zmq.NOBLOCK, copy=False)

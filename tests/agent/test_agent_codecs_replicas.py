@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from agent_testlib import build_identity_chain, exit_counts, toy_input, toy_reference
+from agent_testlib import build_identity_chain, exit_counts, toy_input, toy_reference, wait_for
 from edgepipe.agent.formats import codecs
 from edgepipe.agent.local import LocalPipeline
 
@@ -50,7 +50,9 @@ def test_replicated_stage_shares_work_and_survives_losing_a_replica(toy_bundles:
                        replicas={1: 2}) as pipe:
         assert len(pipe.agents) == 4 and len(pipe.stage_keys(1)) == 2
 
-        def kill_one() -> None:
+        def kill_one() -> None:  # it hangs (holding what stage 0 sent it, unacknowledged), then dies
+            pipe.pause(1, 0)
+            time.sleep(0.3)
             pipe.kill(1, 0)
 
         outputs = []
@@ -62,7 +64,7 @@ def test_replicated_stage_shares_work_and_survives_losing_a_replica(toy_bundles:
                     killer.start()
             duplicates = client.duplicates
         killer.join(30)
-        time.sleep(0.1)
+        assert wait_for(lambda: "moved to other replicas" in pipe.log_text(0))
         codes = pipe.stop()
     assert len(outputs) == len(inputs)
     for x, out in zip(inputs, outputs, strict=True):
@@ -73,8 +75,8 @@ def test_replicated_stage_shares_work_and_survives_losing_a_replica(toy_bundles:
     assert exit_counts(pipe.log_text(0))["computed"] == len(inputs)
     survivor = exit_counts(pipe.log_text(1, 1))["computed"]
     assert 0 < survivor <= len(inputs)
-    log0 = pipe.log_text(0)
-    assert "declared down" in log0 and "moved to other replicas" in log0
+    line = next(ln for ln in pipe.log_text(0).splitlines() if "moved to other replicas" in ln)
+    assert "downstream stage 1 on " in line and "declared down" in line
 
 
 def test_status_counters_and_neighbours(toy_pipeline: LocalPipeline) -> None:
