@@ -184,7 +184,7 @@ def kill_and_restart(stage: int) -> Callable[[Bench], dict[str, Any]]:
         ready = time.time()
         next_result = bench.wait_results(5, restart)
         detect_s, line = bench.detection(stage, fault)
-        bench.wait_results(20, restart)
+        bench.wait_results(40, restart)
         bench.stop_stream()
         return {"fault": f"kill -9 of stage {stage}, restarted 2 s later", "detect_s": detect_s,
                 "detected_by": line, "restart_to_ready_s": ready - restart,
@@ -204,7 +204,7 @@ def pause(bench: Bench, stage: int = 1, seconds: float = 10.0) -> dict[str, Any]
     bench.pipe.resume(stage)
     next_result = bench.wait_results(5, resumed)
     detect_s, line = bench.detection(stage, fault)
-    bench.wait_results(20, resumed)
+    bench.wait_results(40, resumed)
     bench.stop_stream()
     return {"fault": f"stage {stage} paused (SIGSTOP) for {seconds:g} s", "detect_s": detect_s, "detected_by": line,
             "resume_to_next_result_s": None if next_result is None else next_result - resumed}
@@ -344,7 +344,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         table.add_row(r["scenario"], s(r.get("detect_s")), s(resume),
                       f"{r['lost']} / {r['duplicated']} / {r['wrong']}", str(r["computed_per_stage"]) +
                       f" of {r['results']}", notes)
-    Console().print(table)
+    Console(width=200).print(table)
 
 
 @app.command()

@@ -227,3 +227,17 @@ def test_slow_stage_applies_back_pressure_without_buffering(tmp_path: Path) -> N
     assert len(outputs) == len(samples)
     for out, sample in zip(outputs, samples, strict=True):
         np.testing.assert_array_equal(out, sample)
+
+
+def test_last_resort_timeout_follows_the_measured_latency(toy_pipeline: LocalPipeline) -> None:
+    """No fixed 30 s: 120 s before anything is measured (a first result may be slow), then five
+    times the slowest recent latency, at least 30 s; a timeout given explicitly is kept."""
+    from edgepipe.agent.client.client import FIRST_TIMEOUT_S, MIN_TIMEOUT_S, TIMEOUT_FACTOR
+
+    with toy_pipeline.client() as client:
+        assert client.timeout_s == FIRST_TIMEOUT_S
+        latencies = [client.result(client.submit(toy_input(2, s))).latency_s for s in range(5)]
+        assert client.timeout_s == max(MIN_TIMEOUT_S, TIMEOUT_FACTOR * max(latencies))
+    with toy_pipeline.client(timeout_s=7.5) as client:
+        client.run(toy_input(1, 0))
+        assert client.timeout_s == 7.5
