@@ -131,11 +131,15 @@ class RateLimitedLog:
         self._last: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
 
-    def __call__(self, level: int, key: str, message: str) -> None:
+    def __call__(self, level: int, key: str, message: str | Callable[[], str]) -> None:
+        """``message`` may be a function, called only when the line is written (a flood of
+        suppressed lines then costs no formatting)."""
         now = time.monotonic()
         if now - self._last.get(key, -1e9) < self.interval_s:
             self._suppressed[key] = self._suppressed.get(key, 0) + 1
             return
+        if callable(message):
+            message = message()
         if len(self._last) > 4096:  # keys are bounded by peers, but never let the table grow unbounded
             self._last.clear()
             self._suppressed.clear()

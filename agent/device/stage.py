@@ -106,6 +106,7 @@ HEADER_ESTIMATE = 512  # bytes a header adds to a message, for credit accounting
 RECENT_IDS = 100_000  # completed request ids remembered for de-duplication
 STAGE_CREDIT_SLACK = 2  # a trusted upstream stage may overdraw its credit this many times (replica moves)
 CLIENT_REPLIES_PER_S = 20.0  # refusals answered per client key per second (a burst of 2 s); the rest are counted
+PENALTY_S = 1.0  # a client key refused faster than that has its messages counted, unread, for this long
 PURGE_AFTER_S = 60.0  # a peer down this long (and owed nothing) is forgotten
 NO_PEER_WARN_S = 5.0  # warn when the next stage has not answered this long after start (then every 30 s)
 BUSY_WINDOW_S = 10.0
@@ -236,6 +237,17 @@ class _Principal:
     waiting: deque[_Work] = field(default_factory=deque)
     replies: float = 2 * CLIENT_REPLIES_PER_S  # token bucket for refusals answered
     replies_at: float = 0.0
+    penalty_until: float = 0.0  # flooding: its messages are counted and dropped unread until then
+
+    def answerable(self, now: float) -> bool:
+        """Take a token for one refusal. Out of tokens: it floods; it goes in the penalty box."""
+        self.replies = min(2 * CLIENT_REPLIES_PER_S, self.replies + (now - self.replies_at) * CLIENT_REPLIES_PER_S)
+        self.replies_at = now
+        if self.replies >= 1:
+            self.replies -= 1
+            return True
+        self.penalty_until = now + PENALTY_S
+        return False
 
 
 @dataclass
@@ -698,6 +710,10 @@ class _StageIO:
 
     def _from_upstream(self, frames: list[zmq.Frame], now: float) -> None:
         route, body = frames[0].bytes, frames[1:]
+        up = self.uplinks.get(route)
+        if up is not None and up.principal.penalty_until > now:  # flooding: as cheap as we can make it
+            self.counters.dropped += 1
+            return
         key = peer_key(frames[1]) if self.secure and len(frames) > 1 else None
         up = self._uplink(route, key, now)
         was_down_for = now - up.peer.last_seen
@@ -730,8 +746,10 @@ class _StageIO:
     def _bad_message(self, up: _Uplink, exc: ProtocolError, body: list[zmq.Frame], now: float) -> None:
         if exc.client is None:
             self.counters.dropped += 1
+            if self.is_entry:
+                up.principal.answerable(now)  # garbage counts towards the penalty box too
             self.warn(logging.WARNING, f"noid-{up.principal.name!r}",
-                      f"dropped message with no request id ({len(body)} frames) from {up.peer.name}: {exc}")
+                      lambda: f"dropped message with no request id ({len(body)} frames) from {up.peer.name}: {exc}")
             return
         if self.is_entry:
             self._refuse(up, exc.client, exc.seq, f"bad request: {exc}")
@@ -746,16 +764,11 @@ class _StageIO:
         """Answer a client's request with an error, straight back on its connection, at a bounded
         rate per client key; beyond that the refusal is only counted."""
         principal = up.principal
-        now = time.monotonic()
-        principal.replies = min(2 * CLIENT_REPLIES_PER_S,
-                                principal.replies + (now - principal.replies_at) * CLIENT_REPLIES_PER_S)
-        principal.replies_at = now
-        self.warn(logging.WARNING, f"refused-{principal.name!r}", f"refused {client}/{seq} from {up.peer.name}: "
-                  f"{message}")
-        if principal.replies < 1:
+        self.warn(logging.WARNING, f"refused-{principal.name!r}",
+                  lambda: f"refused {client}/{seq} from {up.peer.name}: {message}")
+        if not principal.answerable(time.monotonic()):
             self.counters.dropped += 1
             return
-        principal.replies -= 1
         self.counters.rejected += 1
         header = error_header(client, seq, self.stage, message, owner=up.peer.key or "")
         try:
@@ -793,8 +806,10 @@ class _StageIO:
             # Not acknowledged, not answered: a sender that keeps to its credit sends it again once
             # credit is free (it sees the gap); one that floods us gets nothing for it but the cost.
             self.counters.dropped += 1
+            if self.is_entry:
+                principal.answerable(now)  # so does flooding with requests beyond its credit
             self.warn(logging.WARNING, f"over-credit-{principal.name!r}",
-                      f"{up.peer.name} sent beyond its credit ({principal.used_msgs} in progress, credit "
+                      lambda: f"{up.peer.name} sent beyond its credit ({principal.used_msgs} in progress, credit "
                       f"{limit_msgs}); not taken")
             return
         self.counters.requests_in += 1
