@@ -336,6 +336,8 @@ class LocalPipeline:
                 self._keys[(index, r)] = (pair, secret)
 
     def _allow(self, index: int) -> list[str]:
+        if self.insecure:
+            return []
         if index == 0:
             return [k.public_text for k in self.client_keypairs] + self.extra_client_keys
         return [self._keys[(index - 1, r)][0].public_text for r in range(self.replicas[index - 1])]

@@ -105,3 +105,17 @@ def test_exit_stamps_stay_with_the_owner_in_results(toy_pipeline: LocalPipeline)
         assert wait_for(lambda: (client._pump(), seq in client._done)[1], timeout_s=20)
         assert client.result(seq).outputs["out"].shape == (2, 16)
     assert client.owner == toy_pipeline.client_keypair.public_text
+
+
+def test_insecure_pipeline_serves_plaintext_clients_and_no_secure_ones(toy_bundles, tmp_path) -> None:
+    """--insecure is all or nothing: a plaintext client is served; a client expecting keys gets no
+    answer (the handshake fails), never a silent downgrade."""
+    with LocalPipeline(toy_bundles, max_batch=8, log_dir=tmp_path / "logs", insecure=True) as pipe:
+        assert all("INSECURE" in pipe.log_text(i) for i in range(3))
+        with pipe.client() as client:
+            np.testing.assert_allclose(client.run(X)["out"], toy_reference(X)["out"], atol=1e-5)
+        some_key = new_keypair()
+        with Client(pipe.entry, pipe.exit, keypair=some_key, entry_key=new_keypair().public_text,
+                    exit_key=new_keypair().public_text, timeout_s=1.0) as secure_client, \
+                pytest.raises(ClientError, match="no answer from the entry"):
+            secure_client.run(X)
