@@ -266,7 +266,7 @@ def bench_testbed(model: str, batch: int, count: int, rounds: int, bandwidth: st
     build = compile_model(model, out, stages=2)
     rng = np.random.default_rng(0)
     batches = [rng.standard_normal((batch, 3, 224, 224)).astype(np.float32) for _ in range(count + 1)]
-    secure, plain = [], []
+    secure, plain, compute = [], [], []
     with tempfile.TemporaryDirectory(prefix="edgepipe-bench-tb-") as tmp:
         cluster = Path(tmp) / "cluster.toml"
         devices = "".join(f'\n[[device]]\nname = "d{i}"\ntype = "board"\nmemory = "4 GiB"\n'
@@ -278,12 +278,16 @@ def bench_testbed(model: str, batch: int, count: int, rounds: int, bandwidth: st
                 run = run_on_testbed(cluster, build.bundle_dirs, ["d0", "d1"], batches, workdir=Path(tmp),
                                      secure=label == "secure")
                 runs.append(run.throughput)
+                compute.append(run.stage_compute_s)
     per_round = [s / p for s, p in zip(secure, plain, strict=True)]
     return {"model": model, "microbatch": batch, "microbatches": count, "rounds": rounds, "bandwidth": bandwidth,
             "device_cpu": cpu, "secure_samples_s": float(np.median(secure)),
             "plaintext_samples_s": float(np.median(plain)), "secure_over_plaintext": float(np.median(per_round)),
             "secure_per_round": secure, "plaintext_per_round": plain, "ratio_per_round": per_round,
-            "activation_bytes_per_microbatch": batch * 197 * 768 * 4}
+            "activation_bytes_per_microbatch": batch * 197 * 768 * 4,
+            "stage_compute_ms": [1000 * float(np.median([c[k] for c in compute])) for k in range(2)],
+            "bottleneck_busy": float(np.median(secure + plain)) * max(float(np.median([c[k] for c in compute]))
+                                                                      for k in range(2)) / batch}
 
 
 # ---- pipeline efficiency ------------------------------------------------------------------------
@@ -436,6 +440,9 @@ def print_testbed(e: dict[str, Any]) -> None:
     table.add_row("secure / plaintext", f"{e['secure_over_plaintext']:.1%}",
                   ", ".join(f"{v:.1%}" for v in e["ratio_per_round"]))
     Console().print(table)
+    stages = " / ".join(f"{v:.0f}" for v in e["stage_compute_ms"])
+    busy = e["bottleneck_busy"]
+    Console().print(f"stage compute per microbatch (median): {stages} ms; slowest stage busy {busy:.0%}")
 
 
 def print_efficiency(e: dict[str, Any]) -> None:
