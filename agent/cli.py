@@ -42,25 +42,31 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
 @app.command("serve")
 def serve_cmd(
     bundle_dir: Path = typer.Argument(..., help="Stage bundle directory (stage.json, stage.onnx, .data)."),
-    listen: str = typer.Option(..., "--listen", help="Bind address for incoming data, e.g. tcp://*:5550."),
-    next_: list[str] | None = typer.Option(None, "--next", help="Next stage's --listen address; repeat it for "
+    listen: str = typer.Option(..., "--listen", metavar="ENDPOINT",
+                               help="Bind address for incoming data, e.g. tcp://*:5550."),
+    next_: list[str] | None = typer.Option(None, "--next", metavar="ENDPOINT",
+                                           help="Next stage's --listen address; repeat it for "
                                            "each replica of the next stage. Omit on the last stage."),
-    next_key: list[str] | None = typer.Option(None, "--next-key", help="Public key of each --next (Z85 text or "
+    next_key: list[str] | None = typer.Option(None, "--next-key", metavar="KEY",
+                                              help="Public key of each --next (Z85 text or "
                                               "a .key file), in the same order."),
-    next_weight: list[float] | None = typer.Option(None, "--next-weight", help="Share of work of each --next "
+    next_weight: list[float] | None = typer.Option(None, "--next-weight", metavar="W",
+                                                   help="Share of work of each --next "
                                                    "replica (default 1 each), in the same order."),
-    results: str | None = typer.Option(None, "--results",
+    results: str | None = typer.Option(None, "--results", metavar="ENDPOINT",
                                        help="Last stage only: bind address clients read results from."),
-    key: Path | None = typer.Option(None, "--key", help="This device's secret key file "
+    key: Path | None = typer.Option(None, "--key", metavar="FILE", help="This device's secret key file "
                                     "[$EDGEPIPE_KEYS/device.key_secret, else ~/.config/edgepipe/keys/...]."),
-    allow: list[str] | None = typer.Option(None, "--allow", help="Keys allowed to send data here: the previous "
+    allow: list[str] | None = typer.Option(None, "--allow", metavar="KEYLIST",
+                                           help="Keys allowed to send data here: the previous "
                                            "stage's device key(s); for stage 0 the clients' keys. A Z85 key, a "
                                            ".key file, a key-list file or a directory; repeatable."),
-    allow_client: list[str] | None = typer.Option(None, "--allow-client", help="Last stage: keys of the clients "
+    allow_client: list[str] | None = typer.Option(None, "--allow-client", metavar="KEYLIST",
+                                                  help="Last stage: keys of the clients "
                                                   "allowed to read results; repeatable."),
     insecure: bool = typer.Option(False, "--insecure", help="No authentication, no encryption: anyone who can "
                                   "reach the ports can submit, inject or read data. For isolated test networks."),
-    codec: str = typer.Option("raw", "--codec", help="Codec of this stage's output: raw, fp16 or int8 "
+    codec: str = typer.Option("raw", "--codec", metavar="CODEC", help="Codec of this stage's output: raw, fp16 or int8 "
                               "(float32 tensors only)."),
     credit: int = typer.Option(4, "--credit", min=1, help="Messages each upstream peer (stage 0: each client key) "
                                "may have in flight here."),
@@ -68,18 +74,23 @@ def serve_cmd(
     heartbeat_s: float = typer.Option(0.5, "--heartbeat-s", help="Heartbeat interval; a neighbour silent for 3 "
                                       "intervals is declared down."),
     hold_s: float = typer.Option(30.0, "--hold-s", help="Last stage: how long to hold a result for an absent client."),
-    device: str | None = typer.Option(None, "--device", help="This device's name in logs and status [host name]."),
-    deployment: str = typer.Option("", "--deployment", help="Deployment id, shown in heartbeats and status."),
+    device: str | None = typer.Option(None, "--device", metavar="NAME",
+                                      help="This device's name in logs and status [host name]."),
+    deployment: str = typer.Option("", "--deployment", metavar="ID",
+                                   help="Deployment id, shown in heartbeats and status."),
     generation: int = typer.Option(0, "--generation", min=0, help="Deployment generation, in heartbeats and status."),
     threads: int = typer.Option(1, "--threads", min=1, help="ONNX Runtime intra-op threads."),
     max_batch: int = typer.Option(256, "--max-batch", min=1, help="Largest batch (axis 0) accepted."),
     max_frame_mb: float | None = typer.Option(None, "--max-frame-mb",
                                               help="Per-tensor size limit; default from the manifest."),
     drain_timeout_s: float = typer.Option(30.0, "--drain-timeout-s", help="Drain limit on SIGTERM."),
-    ready_file: Path | None = typer.Option(None, "--ready-file", help="Write {pid, listen, results, public_key, "
+    ready_file: Path | None = typer.Option(None, "--ready-file", metavar="FILE",
+                                           help="Write {pid, listen, results, public_key, "
                                            "incarnation, ...} JSON here once serving."),
-    cpus: str | None = typer.Option(None, "--cpus", help="Pin to these CPUs (taskset list, e.g. 0,2-3)."),
-    control: str | None = typer.Option(None, "--control", help="Also answer status (with this stage's counters) "
+    cpus: str | None = typer.Option(None, "--cpus", metavar="LIST",
+                                    help="Pin to these CPUs (taskset list, e.g. 0,2-3)."),
+    control: str | None = typer.Option(None, "--control", metavar="ENDPOINT",
+                                       help="Also answer status (with this stage's counters) "
                                        "and link probes here, e.g. tcp://*:5560."),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
     parent_pid: int | None = typer.Option(None, "--parent-pid", hidden=True,

@@ -260,15 +260,19 @@ def submit(
                                        "(or --endpoints)."),
     exit_: str | None = typer.Argument(None, metavar="[EXIT]", help="Last agent's --results address, e.g. "
                                        "tcp://dev2:5551."),
-    endpoints: Path | None = typer.Option(None, "--endpoints", help="The deployment's endpoints.json (addresses, "
+    endpoints: Path | None = typer.Option(None, "--endpoints", metavar="FILE",
+                                          help="The deployment's endpoints.json (addresses, "
                                           "public keys, model inputs) instead of ENTRY and EXIT."),
-    key: Path | None = typer.Option(None, "--key", help="This client's secret key file "
+    key: Path | None = typer.Option(None, "--key", metavar="FILE", help="This client's secret key file "
                                     "[$EDGEPIPE_KEYS/client.key_secret, else ~/.config/edgepipe/keys/...]."),
-    entry_key: str | None = typer.Option(None, "--entry-key", help="The first device's public key (Z85 or .key file)."),
-    exit_key: str | None = typer.Option(None, "--exit-key", help="The last device's public key (Z85 or .key file)."),
+    entry_key: str | None = typer.Option(None, "--entry-key", metavar="KEY",
+                                         help="The first device's public key (Z85 or .key file)."),
+    exit_key: str | None = typer.Option(None, "--exit-key", metavar="KEY",
+                                        help="The last device's public key (Z85 or .key file)."),
     insecure: bool = typer.Option(False, "--insecure", help="Plaintext, unauthenticated: only for a pipeline "
                                   "started with --insecure."),
-    codec: str = typer.Option("raw", "--codec", help="Compress float32 inputs on the way in: raw, fp16 or int8."),
+    codec: str = typer.Option("raw", "--codec", metavar="CODEC",
+                              help="Compress float32 inputs on the way in: raw, fp16 or int8."),
     random: bool = typer.Option(False, "--random", help="Send random data (the default)."),
     npy: Path | None = typer.Option(None, "--npy", help="A .npy array of samples (axis 0)."),
     images: Path | None = typer.Option(None, "--images", help="A folder of images (needs Pillow)."),

@@ -102,3 +102,22 @@ def test_status_counters_and_neighbours(toy_pipeline: LocalPipeline) -> None:
     clients = [n for n in status[2]["neighbours"] if n["role"] == "client"]
     assert client_id in {n["label"].split()[1] for n in clients}
     assert status[1]["peers_down"] == 0
+
+
+def test_replicated_first_and_last_stages_serve_one_client(toy_bundles: list[Path], tmp_path: Path) -> None:
+    """Two entries and two exits: the client shares its requests between the entries by credit
+    and reads results from both exits; every result once, in order."""
+    inputs = [toy_input(1 + i % 8, 5000 + i) for i in range(80)]
+    with LocalPipeline(toy_bundles, max_batch=8, log_dir=tmp_path / "logs", heartbeat_s=0.2,
+                       replicas={0: 2, 2: 2}) as pipe, pipe.client(window=12) as client:
+        assert len(pipe.entries) == 2 and len(pipe.exits) == 2
+        outputs = list(client.map(inputs))
+        assert client.duplicates == 0
+        codes = pipe.stop()
+    for x, out in zip(inputs, outputs, strict=True):
+        np.testing.assert_allclose(out["out"], toy_reference(x)["out"], atol=1e-5)
+    assert codes == [0] * 5
+    assert exit_counts(pipe.log_text(1))["computed"] == len(inputs)
+    for stage in (0, 2):
+        shares = [exit_counts(pipe.log_text(stage, r))["computed"] for r in range(2)]
+        assert sum(shares) == len(inputs) and min(shares) > 0, (stage, shares)
