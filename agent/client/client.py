@@ -416,6 +416,7 @@ class Client:
             # The caller was busy elsewhere: nobody heard from us, and we heard nobody; that silence
             # says nothing about the pipeline.
             forgive_own_pause([*(r.peer for r in self._outbox.replicas), *(x.peer for x in self._exits)], idle)
+            self._connected_at += idle  # nor does it count against reaching the pipeline at all
         self._last_pump = now
         for index, replica in enumerate(self._outbox.replicas):
             if replica.sock in events:

@@ -241,3 +241,11 @@ def test_last_resort_timeout_follows_the_measured_latency(toy_pipeline: LocalPip
     with toy_pipeline.client(timeout_s=7.5) as client:
         client.run(toy_input(1, 0))
         assert client.timeout_s == 7.5
+
+
+def test_a_client_left_idle_then_used_is_not_taken_for_unreachable(toy_pipeline: LocalPipeline) -> None:
+    """Time the caller spends elsewhere is not time the pipeline failed to answer."""
+    with toy_pipeline.client(timeout_s=1.0) as client:
+        time.sleep(2.5)  # longer than the 1 s the client allows an entry to answer at all
+        x = toy_input(2, 9)
+        np.testing.assert_allclose(client.run(x)["out"], toy_reference(x)["out"], atol=1e-5)
