@@ -78,6 +78,7 @@ class ControlConfig:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     ready_file: Path | None = None
     commands: tuple[str, ...] = COMMANDS  # a serving agent offers no "profile": it would steal its CPU
+    stage_status: Callable[[], dict[str, Any]] | None = None  # a serving agent's counters (`stage` in status)
 
 
 # -- the daemon -------------------------------------------------------------------------------------
@@ -177,6 +178,7 @@ def status_facts(config: ControlConfig) -> dict[str, Any]:
         "edgepipe_version": _edgepipe_version(),
         "max_request_bytes": config.max_request_bytes,
         "commands": list(config.commands),
+        **({"stage": config.stage_status()} if config.stage_status is not None else {}),
     }
 
 
