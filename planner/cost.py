@@ -12,12 +12,17 @@ codec x and whose output leaves in codec y:
 - busy_d = compute_d + share_d * (recv_d + send_d): compute slowed by the comm threads' CPU;
 - cycle_d = max(busy_d, recv_d, send_d): how often replica d can take a new microbatch;
 - stage step: max over d of w_d * cycle_d (replicas share the microbatches by weight);
-- hop step (the output to the next stage's replicas S, weights v), each pair x -> y taking
-  t(x, y) = latency + wire bytes * 8 / bandwidth: every device's sends and receives are one after
-  another, so the step is the busiest device: max(w_x * sum_y v_y t(x, y), v_y * sum_x w_x t(x, y));
-  to the client: max over d of t(d, client) (the client link is not shared out);
+- hop step (the output to the next stage's replicas S, weights v): one microbatch from x to y takes
+  t(x, y) = latency + wire bytes * 8 / bandwidth (the pair's Link, capped by both NICs; else the
+  smaller NIC). The sender keeps one connection per replica and they all carry data at once
+  (agent/link.py: one DEALER per replica, credit per replica), so the step is the busiest
+  resource: each sender's NIC carries its whole share of the stream (w_x * bytes / NIC_x), each
+  receiver's NIC its own share (v_y * bytes / NIC_y), each pair its messages one after another
+  (w_x * v_y * t(x, y)). Between r and r' identical devices: max(bytes / (r NIC), bytes / (r' NIC'),
+  t / (r r')). The client is one more device at ``client_bandwidth``: it fans out to the first
+  stage's replicas and gathers from the last stage's in the same way;
 - the stage's time is the larger of its two steps; the slowest step sets the pace.
-- latency (one microbatch through an empty pipeline): client in + for every stage its compute,
+- latency (one microbatch through an empty pipeline): one client transfer in + for every stage its compute,
   recv + send CPU and one wire transfer (the slowest replica, the slowest pair).
 - memory: weights (int8 weights for an int8 stage) + microbatch * (largest activation + queue_depth
   * (input + output bytes)) + runtime overhead, on each replica.
@@ -74,12 +79,15 @@ def placements_of(plan: Plan) -> list[Placement]:
 
 def link_lookup(problem: Problem) -> Callable[[str, str], tuple[float, float]]:
     """A function giving (bandwidth Mbps, latency s) between two devices: the pair's Link if the
-    problem has one, else the smaller of the two NICs with no latency."""
+    problem has one (no faster than either NIC: a transfer passes through both), else the smaller
+    of the two NICs with no latency."""
     nic = {d.name: d.bandwidth_mbps for d in problem.devices}
     given = {frozenset((k.a, k.b)): (k.bandwidth_mbps, k.latency_s) for k in problem.links}
 
     def link(a: str, b: str) -> tuple[float, float]:
-        return given.get(frozenset((a, b)), (min(nic[a], nic[b]), 0.0))
+        slowest = min(nic[a], nic[b])
+        found = given.get(frozenset((a, b)))
+        return (slowest, 0.0) if found is None else (min(found[0], slowest), found[1])
 
     return link
 
@@ -184,7 +192,7 @@ def stage_effects(problem: Problem, first: int, end: int, codec_out: str, int8: 
 @dataclass(frozen=True)
 class Evaluation:
     stages: tuple[Stage, ...]
-    client_in_s: float
+    client_in_s: float  # the client link's step: the input's stream, shared out to the first stage's replicas
     bottleneck: int
     bottleneck_s: float
     throughput: float
@@ -222,15 +230,8 @@ def evaluate(problem: Problem, microbatch: int, placements: Sequence[PlacementLi
             raise PlanError(f"stage {k}: cut {p.end} offers no codec {p.codec_out!r}")
         wire *= microbatch
         rep = replicas[k]
-        if k + 1 < len(stages_in):
-            down = stages_in[k + 1].devices
-            pair = [[transfer_seconds(wire, *link(x, y)) for y in down] for x in p.devices]
-            hop_step = _hop_step(pair, rep.weights, replicas[k + 1].weights)
-            send = max(max(row) for row in pair)
-        else:
-            rates = [client_bandwidth(problem, d) for d in p.devices]
-            send = 0.0 if rates[0] is None else max(transfer_seconds(wire, r) for r in rates)
-            hop_step = send
+        down = (stages_in[k + 1].devices, replicas[k + 1].weights) if k + 1 < len(stages_in) else None
+        send, hop_step = output_hop(problem, wire, (p.devices, rep.weights), down, link)
         own = max(w * c for w, c in zip(rep.weights, rep.cycle, strict=True))
         segs = problem.model.segments
         effects = stage_effects(problem, p.first, p.end, p.codec_out, p.int8)
@@ -250,15 +251,14 @@ def evaluate(problem: Problem, microbatch: int, placements: Sequence[PlacementLi
             int8_weights=p.int8,
             error=combine_effects(effects) if effects else None,
         ))
-    rates = [client_bandwidth(problem, d) for d in stages_in[0].devices]
-    client_in = 0.0 if rates[0] is None else max(transfer_seconds(float(cuts[0]), r) for r in rates)
+    client_one, client_in = client_hop(problem, float(cuts[0]), stages_in[0].devices, replicas[0].weights)
     times = [s.time_s for s in stages]
     slowest = int(np.argmax(times))
     if client_in > times[slowest]:
         bottleneck, bottleneck_s = CLIENT_LINK, client_in
     else:
         bottleneck, bottleneck_s = slowest, times[slowest]
-    latency = client_in + math.fsum(s.latency_s for s in stages)
+    latency = client_one + math.fsum(s.latency_s for s in stages)
     throughput = microbatch / bottleneck_s if bottleneck_s > 0 else math.inf
     effects = [e for p in stages_in for e in stage_effects(problem, p.first, p.end, p.codec_out, p.int8)]
     units = _units(problem, effects)
@@ -320,12 +320,47 @@ def speed_weights(cycles: Sequence[float]) -> tuple[float, ...]:
     return tuple(s / total for s in speeds)
 
 
-def _hop_step(pair: list[list[float]], up: tuple[float, ...], down: tuple[float, ...]) -> float:
-    """The busiest device of a hop when each device sends (and receives) one message at a time:
-    x sends its share up[x] of the microbatches, each to y with probability down[y]."""
-    egress = [w * math.fsum(v * t for v, t in zip(down, row, strict=True)) for w, row in zip(up, pair, strict=True)]
-    ingress = [v * math.fsum(w * pair[i][j] for i, w in enumerate(up)) for j, v in enumerate(down)]
-    return max(*egress, *ingress)
+Group = tuple[Sequence[str], Sequence[float]]  # a stage's replica devices and their weights
+
+
+def output_hop(problem: Problem, n_bytes: float, up: Group, down: Group | None,
+               link: Callable[[str, str], tuple[float, float]] | None = None) -> tuple[float, float]:
+    """(one transfer, step) of a stage's output hop carrying ``n_bytes`` per microbatch: to the
+    next stage's replicas ``down``, or to the client when ``down`` is None (the slowest pair for
+    the transfer, the busiest resource for the step)."""
+    if down is None:
+        return client_hop(problem, n_bytes, *up)
+    link = link or link_lookup(problem)
+    (senders, w), (receivers, v) = up, down
+    pair = [[transfer_seconds(n_bytes, *link(x, y)) for y in receivers] for x in senders]
+    nic = {d.name: d.bandwidth_mbps for d in problem.devices}
+    step = _hop_step(pair, w, v, [transfer_seconds(n_bytes, nic[x]) for x in senders],
+                     [transfer_seconds(n_bytes, nic[y]) for y in receivers])
+    return max(max(row) for row in pair), step
+
+
+def client_hop(problem: Problem, n_bytes: float, devices: Sequence[str], weights: Sequence[float]
+               ) -> tuple[float, float]:
+    """(one transfer, step) between the client and a stage's replicas, either way: the client's
+    link carries the whole stream, each replica's NIC its share. (0, 0) when the client is not
+    modelled."""
+    if problem.client_bandwidth_mbps is None:
+        return 0.0, 0.0
+    one = max(transfer_seconds(n_bytes, client_bandwidth(problem, d)) for d in devices)
+    shares = [w * transfer_seconds(n_bytes, problem.device(d).bandwidth_mbps) for d, w in zip(devices, weights,
+                                                                                            strict=True)]
+    return one, max(transfer_seconds(n_bytes, problem.client_bandwidth_mbps), *shares)
+
+
+def _hop_step(pair: list[list[float]], up: Sequence[float], down: Sequence[float], egress: Sequence[float],
+              ingress: Sequence[float]) -> float:
+    """The busiest resource of a hop whose transfers run at once (one connection per pair): sender
+    x's NIC carries its share up[x] of the stream (egress[x]: one microbatch through its NIC),
+    receiver y's NIC its share down[y], and the pair x -> y the microbatches x gives y
+    (up[x] * down[y]), one after another, each taking pair[x][y]."""
+    nics = [w * e for w, e in zip(up, egress, strict=True)] + [v * i for v, i in zip(down, ingress, strict=True)]
+    pairs = [w * v * t for w, row in zip(up, pair, strict=True) for v, t in zip(down, row, strict=True)]
+    return max(*nics, *pairs)
 
 
 def make_plan(

@@ -174,7 +174,7 @@ def relaxed_bound(t: Tables) -> float:
     reaches = [_Reach.of(t, c, v, measures) for c in range(len(t.classes)) for v in range(len(t.variants))]
     groups = [(k.cls, k.replicas) for k in t.kinds]
     values = np.concatenate([*(r.comps / k for r in reaches for c, k in groups if c == r.cls),
-                             t.client_in, t.client_out])
+                             t.client_steps()])
     totals = measures[:, -1]
 
     def feasible(bound: float) -> bool:
@@ -186,8 +186,8 @@ def relaxed_bound(t: Tables) -> float:
                 if c != r.cls:
                     continue
                 limit = bound * k * (1 + TOL)
-                first_ok |= r.first <= limit and t.client_in[c] <= bound
-                last_ok |= r.last <= limit and t.client_out[c] <= bound
+                first_ok |= r.first <= limit and t.client_in_step(c, k) <= bound
+                last_ok |= r.last <= limit and t.client_out_step(c, k) <= bound
                 covered |= r.cover <= limit
                 capacity[c] = np.maximum(capacity[c], r.span(limit) / k)
         have = t.counts @ capacity

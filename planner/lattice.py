@@ -124,11 +124,15 @@ def _hop(mode: str, view: View, x: int, ga: int, gb: int) -> Values:
     return (zero,) if mode == ERR else (zero, view.hop_lat(x, ga, gb))
 
 
-def _client(mode: str, seconds: float) -> tuple[float, ...]:
-    if mode in (MAX, LAT):
-        return (seconds,)
-    zero = 0.0 if math.isfinite(seconds) else math.inf
-    return (zero,) if mode == ERR else (zero, seconds)
+def _client(mode: str, seconds: tuple[float, float]) -> tuple[float, ...]:
+    """A client hop's value from its (step, one transfer)."""
+    step, one = seconds
+    if mode == MAX:
+        return (step,)
+    if mode == LAT:
+        return (one,)
+    zero = 0.0 if math.isfinite(step) else math.inf
+    return (zero,) if mode == ERR else (zero, one)
 
 
 def _inf(mode: str, shape: tuple[int, ...]) -> Values:
@@ -564,6 +568,6 @@ def step_values(t: Tables, lower: float, upper: float) -> np.ndarray:
             for ga in range(len(t.kinds)):
                 hop = view.hop(x, ga, g)
                 found.append(hop[np.isfinite(hop)])
-    found += [t.client_in, t.client_out]
+    found.append(t.client_steps())
     values = np.unique(np.concatenate(found))
     return values[(values >= lower * (1 - TOL)) & (values <= upper * (1 + TOL))]

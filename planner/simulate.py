@@ -9,9 +9,10 @@ threads) and its output hop. A station has one or more servers; a server takes `
 seconds for one microbatch and can start the next ``cycle`` seconds after the previous one (a
 replica receives, computes and sends one microbatch in recv + compute + send seconds, but its
 threads overlap, so it takes a new one every max(compute + share * comm, recv, send) seconds;
-a hop's transfer takes its wire time, and hops between replicated stages run min(r, r') transfers
-at once). A microbatch goes to the server that can start it first (the runtime gives it to the
-replica with free credit). Between stations, queues hold ``queue_depth`` microbatches; a server
+a hop's transfer takes its wire time (the slowest pair), and as many transfers run at once as
+make the hop's rate its step in the cost model: its senders' NICs, its receivers' NICs and its
+pairs, each carrying its share). A microbatch goes to the server that can start it first (the
+runtime gives it to the replica with free credit). Between stations, queues hold ``queue_depth`` microbatches; a server
 whose result finds the next queue full holds it (and its next start) until there is room:
 
     start[s][m]  = max(depart[s-1][m], ready of the chosen server)
@@ -29,7 +30,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .cost import evaluate, placements_of, replica_costs
+from .cost import client_hop, cut_bytes, evaluate, output_hop, placements_of, replica_costs, wire_bytes
 from .plan import Plan
 from .problem import Problem
 
@@ -104,17 +105,30 @@ def plan_stations(problem: Problem, plan: Plan) -> list[Station]:
     placements = placements_of(plan)
     ev = evaluate(problem, plan.microbatch, placements)
     stages = ev.stages
+    costs = [replica_costs(problem, plan.microbatch, placements, k) for k in range(len(stages))]
+    groups = [(s.devices, c.weights) for s, c in zip(stages, costs, strict=True)]
     stations: list[Station] = []
     if problem.client_bandwidth_mbps is not None:
-        stations.append(Station((Server(ev.client_in_s, ev.client_in_s),)))
+        one, step = client_hop(problem, float(cut_bytes(problem)[0] * plan.microbatch), *groups[0])
+        stations.append(_hop_station(one, step, len(stages[0].devices)))
     for k, s in enumerate(stages):
-        costs = replica_costs(problem, plan.microbatch, placements, k)
+        c = costs[k]
         stations.append(Station(tuple(Server(compute + comm, cycle) for compute, comm, cycle in zip(
-            costs.compute, costs.comm, costs.cycle, strict=True))))
-        lanes = min(len(s.devices), len(stages[k + 1].devices)) if k + 1 < len(stages) else 1
-        # A hop's transfers take the wire time (the slowest pair); min(r, r') of them run at once.
-        stations.append(Station(tuple(Server(s.send_s, s.send_s) for _ in range(lanes))))
+            c.compute, c.comm, c.cycle, strict=True))))
+        down = groups[k + 1] if k + 1 < len(stages) else None
+        wire = (wire_bytes(problem, s.end_segment, s.codec_out) or 0.0) * plan.microbatch
+        one, step = output_hop(problem, wire, groups[k], down)
+        stations.append(_hop_station(one, step, len(s.devices) * (len(down[0]) if down is not None else 1)))
     return stations
+
+
+def _hop_station(one: float, step: float, pairs: int) -> Station:
+    """A hop whose transfers take ``one`` seconds each and whose rate is one microbatch per
+    ``step``: as many lanes at once as that takes (at most one per pair of sender and receiver,
+    since a pair's share is at least 1 / pairs of the microbatches), each starting a new transfer
+    every lanes * step."""
+    lanes = pairs if step <= 0 else max(1, min(pairs, math.ceil(one / step * (1 - 1e-9))))
+    return Station(tuple(Server(one, max(one, lanes * step)) for _ in range(lanes)))
 
 
 def _queues(plan: Plan, depth: int, client: bool) -> list[int]:

@@ -8,8 +8,11 @@ segments [i, k), codecs x -> y and variant v:
 
     busy  = compute[c, v](i, k) + share[c] * (recv[c, x, i] + send[c, y, k])
     own   = max(busy, recv[c, x, i], send[c, y, k]) / r             (the stage's step)
-    hop   = wire[y, k, c, c'] / min(r, r')                          (to the next kind (c', r'))
+    hop   = max(nic[y, k, c] / r, nic[y, k, c'] / r', wire[y, k, c, c'] / (r r'))   (to the next kind
+            (c', r'): each sender's NIC carries its share of the stream, each receiver's NIC its own,
+            each pair its messages one after another; the transfers run at once)
     lat   = compute + recv + send  (+ wire[y, k, c, c'] for the hop) (one microbatch, empty pipeline)
+    client in (to kind (c, r)) = max(client link, client_nic_in[c] / r), out likewise
     error = cut_err[y, k] + (int8_err[k] - int8_err[i] if v is int8) (units of the error budget)
 
 which is what cost.evaluate gives for the same placement (tests check both against an independent
@@ -104,8 +107,13 @@ class Tables:
     wire: np.ndarray  # (X, S+1, C, C) seconds to send cut j in codec x from class a to b; inf at 0 and S
     wire_in_max: np.ndarray  # (X, C, S+1) the slowest finite wire time into class c at cut j
     wire_out_max: np.ndarray  # (X, C, S+1) the slowest finite wire time out of class c at cut j
-    client_in: np.ndarray  # (C,)
-    client_out: np.ndarray  # (C,)
+    nic: np.ndarray  # (X, S+1, C) seconds for cut j in codec x to pass through one NIC of class c; inf at 0 and S
+    client_in: np.ndarray  # (C,) one input transfer from the client to a device of class c (its latency)
+    client_out: np.ndarray  # (C,) one output transfer to the client
+    client_link_in: float  # the input stream through the client's own link (0: client not modelled)
+    client_link_out: float  # the output stream through it
+    client_nic_in: np.ndarray  # (C,) one input through a device's NIC (0: client not modelled)
+    client_nic_out: np.ndarray  # (C,)
     cut_err: np.ndarray  # (X, S+1) error units of sending cut j in codec x
     int8_err: np.ndarray  # (S+1,) cumulative error units of the segments' int8 weights (finite ones)
     int8_over: np.ndarray  # (S+1,) cumulative count of segments whose int8 weights alone exceed the budget
@@ -140,7 +148,7 @@ class Tables:
             self, codecs=self.codecs[:1], variants=self.variants[:1], prefix=self.prefix[:, :1],
             stage_compute=self.stage_compute[:, :1], memory=self.memory[:1], recv=self.recv[:, :1],
             send_cpu=self.send_cpu[:, :1], wire=self.wire[:1], wire_in_max=self.wire_in_max[:1],
-            wire_out_max=self.wire_out_max[:1], cut_err=self.cut_err[:1], cache={},
+            wire_out_max=self.wire_out_max[:1], nic=self.nic[:1], cut_err=self.cut_err[:1], cache={},
         )
 
     def measures(self) -> np.ndarray:
@@ -151,6 +159,17 @@ class Tables:
             self.cache["measures"] = np.unique(np.vstack([np.arange(n + 1, dtype=np.float64), self.prefix[:, 0, :]]),
                                                axis=0)
         return self.cache["measures"]
+
+    def client_in_step(self, cls: int, replicas: int) -> float:
+        """The client link's step into a stage on ``replicas`` devices of class ``cls``."""
+        return max(self.client_link_in, float(self.client_nic_in[cls]) / replicas)
+
+    def client_out_step(self, cls: int, replicas: int) -> float:
+        return max(self.client_link_out, float(self.client_nic_out[cls]) / replicas)
+
+    def client_steps(self) -> np.ndarray:
+        """Every client step of every kind, in and out."""
+        return np.array([f(k.cls, k.replicas) for k in self.kinds for f in (self.client_in_step, self.client_out_step)])
 
     def kind_index(self, cls: int, replicas: int) -> int:
         return self.kinds.index(Kind(cls, replicas))
@@ -235,6 +254,7 @@ def build_tables(problem: Problem, microbatch: int, max_replicas: int | None = N
 
     link = link_lookup(problem)
     wire = np.full((x_count, n + 1, c_count, c_count), np.inf)
+    nic_time = np.full((x_count, n + 1, c_count), np.inf)
     for x, codec in enumerate(codecs):
         if codec == "raw":
             size = cut_bytes(problem)
@@ -243,6 +263,8 @@ def build_tables(problem: Problem, microbatch: int, max_replicas: int | None = N
                                        for s in problem.model.segments)], dtype=np.float64)
         size = np.where(np.isfinite(cut_err[x]), size * microbatch, np.nan)
         for a, ca in enumerate(classes):
+            through = size[1:n] * 8.0 / (ca.bandwidth_mbps * 1e6)
+            nic_time[x, 1:n, a] = np.where(np.isnan(through), np.inf, through)
             for b, cb in enumerate(classes):
                 if a == b and len(ca.members) < 2:
                     # Never used (a class of one cannot follow itself); the NIC rule keeps the column
@@ -259,10 +281,14 @@ def build_tables(problem: Problem, microbatch: int, max_replicas: int | None = N
     nic = np.array([c.bandwidth_mbps for c in classes])
     if client is None:
         client_in, client_out = np.zeros(c_count), np.zeros(c_count)
+        link_in = link_out = 0.0
+        nic_in, nic_out = np.zeros(c_count), np.zeros(c_count)
     else:
         rate = np.minimum(client, nic)
         client_in = cuts[0] * 8.0 / (rate * 1e6)
         client_out = cuts[n] * 8.0 / (rate * 1e6)
+        link_in, link_out = float(cuts[0] * 8.0 / (client * 1e6)), float(cuts[n] * 8.0 / (client * 1e6))
+        nic_in, nic_out = cuts[0] * 8.0 / (nic * 1e6), cuts[n] * 8.0 / (nic * 1e6)
     memory = np.stack([memory_matrix(problem, microbatch, int8=(v == "int8")) for v in variants])
     upper = np.arange(n + 1)[None, :] > np.arange(n + 1)[:, None]
     capacity = np.array([c.memory_bytes for c in classes], dtype=np.float64)
@@ -288,8 +314,13 @@ def build_tables(problem: Problem, microbatch: int, max_replicas: int | None = N
         wire=wire,
         wire_in_max=wire_in_max,
         wire_out_max=wire_out_max,
+        nic=nic_time,
         client_in=client_in,
         client_out=client_out,
+        client_link_in=link_in,
+        client_link_out=link_out,
+        client_nic_in=nic_in,
+        client_nic_out=nic_out,
         cut_err=cut_err,
         int8_err=int8_err,
         int8_over=int8_over,
@@ -350,8 +381,11 @@ class View:
         (whoever the neighbours are), so a plan with r there is never better than one with r - 1."""
         t, fewer = self.tables, kind.replicas - 1
         start, end = _band_positions(t.n_segments, cycle.shape[1])
-        hop_in = np.where(start > 0, t.wire_in_max[x, kind.cls][start], 0.0)
-        hop_out = np.where(end < t.n_segments, t.wire_out_max[y, kind.cls][end], 0.0)
+        # The terms of a hop that shrink with the group: its own NIC's share, and each pair's (at
+        # most the slowest pair's with a single device on the other side). A pair's time is at
+        # least either NIC's, so the slowest pair covers the NIC term; at the client, the NIC's.
+        hop_in = np.where(start > 0, t.wire_in_max[x, kind.cls][start], t.client_nic_in[kind.cls])
+        hop_out = np.where(end < t.n_segments, t.wire_out_max[y, kind.cls][end], t.client_nic_out[kind.cls])
         return (cycle / fewer <= self.theta) & (hop_in / fewer <= self.theta) & (hop_out / fewer <= self.theta)
 
     def valid(self, g: int, x: int, y: int, v: int) -> np.ndarray:
@@ -413,7 +447,8 @@ class View:
         if key not in self.cache:
             t = self.tables
             ka, kb = t.kinds[ga], t.kinds[gb]
-            step = t.wire[x, :, ka.cls, kb.cls] / min(ka.replicas, kb.replicas)
+            step = np.maximum(np.maximum(t.nic[x, :, ka.cls] / ka.replicas, t.nic[x, :, kb.cls] / kb.replicas),
+                              t.wire[x, :, ka.cls, kb.cls] / (ka.replicas * kb.replicas))
             self.cache[key] = np.where(step <= self.bound, step, np.inf)
         return self.cache[key]
 
@@ -423,13 +458,16 @@ class View:
         ka, kb = t.kinds[ga], t.kinds[gb]
         return np.where(np.isfinite(self.hop(x, ga, gb)), t.wire[x, :, ka.cls, kb.cls], np.inf)
 
-    def client_in(self, g: int) -> float:
-        v = float(self.tables.client_in[self.tables.kinds[g].cls])
-        return v if v <= self.bound else np.inf
+    def client_in(self, g: int) -> tuple[float, float]:
+        """(step, one transfer) of the client link into kind g; inf over the bound."""
+        t, kind = self.tables, self.tables.kinds[g]
+        step = t.client_in_step(kind.cls, kind.replicas)
+        return (step, float(t.client_in[kind.cls])) if step <= self.bound else (np.inf, np.inf)
 
-    def client_out(self, g: int) -> float:
-        v = float(self.tables.client_out[self.tables.kinds[g].cls])
-        return v if v <= self.bound else np.inf
+    def client_out(self, g: int) -> tuple[float, float]:
+        t, kind = self.tables, self.tables.kinds[g]
+        step = t.client_out_step(kind.cls, kind.replicas)
+        return (step, float(t.client_out[kind.cls])) if step <= self.bound else (np.inf, np.inf)
 
     def _comm(self, c: int, x: int, y: int, width: int) -> tuple[np.ndarray, np.ndarray]:
         t = self.tables

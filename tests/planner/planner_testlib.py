@@ -85,10 +85,11 @@ def _int8_seconds(problem: Problem, type_name: str, mb: int) -> list[float] | No
 
 
 def link(problem: Problem, a: str, b: str) -> tuple[float, float]:
+    """The pair's Link, no faster than either NIC; else the slower NIC and no latency."""
+    nic = {d.name: d.bandwidth_mbps for d in problem.devices}
     for k in problem.links:
         if {k.a, k.b} == {a, b}:
-            return k.bandwidth_mbps, k.latency_s
-    nic = {d.name: d.bandwidth_mbps for d in problem.devices}
+            return min(k.bandwidth_mbps, nic[a], nic[b]), k.latency_s
     return min(nic[a], nic[b]), 0.0
 
 
@@ -187,18 +188,22 @@ def evaluate(problem: Problem, mb: int, placements: list[StageSpec]) -> Referenc
             cycle.append(max(c + frac * (recv + send), recv, send))
         r = len(names)
         own = max(cycle) / r  # equal shares
+        bits = w * mb * 8
         if k + 1 < len(specs):
+            # The transfers of a hop run at once: each sender's NIC carries its share (1/r) of the
+            # stream, each receiver's NIC its share (1/r'), each pair 1/(r r') of the microbatches.
             nxt = specs[k + 1][0]
-            pair = [[link(problem, x, y)[1] + w * mb * 8 / (link(problem, x, y)[0] * 1e6) for y in nxt] for x in names]
-            egress = [sum(row) / len(nxt) / r for row in pair]
-            ingress = [sum(pair[a][b] for a in range(r)) / r / len(nxt) for b in range(len(nxt))]
-            hop = max(egress + ingress)
+            pair = [[link(problem, x, y)[1] + bits / (link(problem, x, y)[0] * 1e6) for y in nxt] for x in names]
+            egress = [bits / (devices[x].bandwidth_mbps * 1e6) / r for x in names]
+            ingress = [bits / (devices[y].bandwidth_mbps * 1e6) / len(nxt) for y in nxt]
+            hop = max(egress + ingress + [t / r / len(nxt) for row in pair for t in row])
             send_s = max(max(row) for row in pair)
         elif client is None:
             hop = send_s = 0.0
         else:
-            send_s = max(w * mb * 8 / (min(client, devices[x].bandwidth_mbps) * 1e6) for x in names)
-            hop = send_s
+            # the client's link carries the whole stream, each replica's NIC its share
+            send_s = max(bits / (min(client, devices[x].bandwidth_mbps) * 1e6) for x in names)
+            hop = max([bits / (client * 1e6)] + [bits / (devices[x].bandwidth_mbps * 1e6) / r for x in names])
         effects = [s.int8.effect for s in segs[i:j] if int8 and s.int8 is not None]
         if codec != "raw":
             effects.append(next(c for c in segs[j - 1].codecs if c.codec == codec).effect)
@@ -211,12 +216,14 @@ def evaluate(problem: Problem, mb: int, placements: list[StageSpec]) -> Referenc
         stages.append((max(compute), send_s, memory if memory <= capacity else -memory))
         times.append(max(own, hop))
         comms.append(max(cpu))
-    client_in = 0.0
+    client_in = client_one = 0.0
     if client is not None:
-        client_in = max(problem.model.input_bytes * mb * 8 / (min(client, devices[x].bandwidth_mbps) * 1e6)
-                        for x in specs[0][0])
+        bits, first = problem.model.input_bytes * mb * 8, specs[0][0]
+        client_one = max(bits / (min(client, devices[x].bandwidth_mbps) * 1e6) for x in first)
+        client_in = max([bits / (client * 1e6)] + [bits / (devices[x].bandwidth_mbps * 1e6) / len(first)
+                                                   for x in first])
     bottleneck = max([client_in, *times])
-    latency = client_in + sum(c + s + m for (c, s, _), m in zip(stages, comms, strict=True))
+    latency = client_one + sum(c + s + m for (c, s, _), m in zip(stages, comms, strict=True))
     fits = all(memory >= 0 for _, _, memory in stages)
     stages = [(c, s, abs(memory)) for c, s, memory in stages]
     return Reference(bottleneck, latency, fits, client_in, tuple(stages), tuple(times), tuple(comms), units)
