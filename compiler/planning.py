@@ -27,7 +27,7 @@ from edgepipe.agent.formats.profiles import (
 )
 from edgepipe.compiler.quantize import int8_speed  # light: no onnx_ir at import
 from edgepipe.planner.cluster import Cluster
-from edgepipe.planner.cost import evaluate
+from edgepipe.planner.cost import evaluate, placements_of
 from edgepipe.planner.plan import Plan
 from edgepipe.planner.problem import ModelSpec, Problem
 
@@ -247,9 +247,10 @@ def compare_with_run(problem: Problem, run: Run, best: Plan) -> RunComparison:
     """The run's plan and ``best`` predicted under ``problem`` (built from the learned profiles)."""
     from edgepipe.agent.client.report import steady_throughput
 
-    plan = run.plan or {}
-    placements = [(str(s["device"]), int(s["first_segment"]), int(s["end_segment"])) for s in plan["stages"]]
-    again = evaluate(problem, int(plan["microbatch"]), placements)
+    # The whole plan as it ran: every replica with its weight, each hop's codec, int8 stages (a
+    # version 1 plan reads as one device per stage, raw, fp32).
+    ran = Plan.from_dict(run.plan or {}, "the run's plan")
+    again = evaluate(problem, ran.microbatch, placements_of(ran))
     last = [m.stages[-1] for m in run.microbatches if m.stages]
     measured = steady_throughput(last, run.batch)
     faster = (best.throughput / again.throughput - 1) * 100 if again.throughput > 0 else math.nan
@@ -293,10 +294,20 @@ def comparison_lines(comparison: RunComparison, tolerance_pct: float = 1.0) -> l
     lines = [f"the run measured {c.measured_throughput:.3g} samples/s; its plan, predicted from the learned "
              f"profiles: {c.run_plan_throughput:.3g} samples/s"]
     if c.faster_pct > tolerance_pct:
-        stages = ", ".join(f"{s.device}[{s.first_segment}:{s.end_segment}]" for s in c.best_plan.stages)
+        stages = ", ".join(_stage_label(s) for s in c.best_plan.stages)
         lines.append(f"another plan would be {c.faster_pct:.1f}% faster: {c.best_throughput:.3g} samples/s on "
                      f"{stages} (written to plan.json)")
     else:
         lines.append(f"the run's plan is still the best (the best plan predicts {c.best_throughput:.3g} "
                      f"samples/s, {c.faster_pct:+.1f}%)")
     return lines
+
+
+def _stage_label(stage) -> str:
+    """``pi-a[0:12]``; with replicas, a codec on its output hop or int8 weights, those too."""
+    from edgepipe.planner.explain import devices_label
+
+    extras = [f"{stage.codec_out} out"] if stage.codec_out != "raw" else []
+    extras += ["int8 weights"] if stage.int8_weights else []
+    return f"{devices_label(stage)}[{stage.first_segment}:{stage.end_segment}]" + (
+        f" ({', '.join(extras)})" if extras else "")
