@@ -91,3 +91,49 @@ def test_unequal_replicas_share_microbatches_by_speed() -> None:
     assert plan.throughput == pytest.approx(3 * slow_alone.throughput)
     run = simulate(problem, plan, n_microbatches=600)
     assert run.throughput == pytest.approx(plan.throughput, rel=5e-3)
+
+
+def _fast_and_slow_links() -> Problem:
+    """One fast device on 1 Gbps and three slow ones on 5 Mbps, computing next to nothing: the hops
+    set the pace."""
+    types = (DeviceType("fast", gflops=1e6), DeviceType("slow", gflops=1e5))
+    devices = (Device("f", "fast", 2**30, 1000.0), Device("g", "fast", 2**30, 1000.0),
+               *(Device(f"s{i}", "slow", 2**30, 5.0) for i in (1, 2, 3)))
+    return Problem(vit_like(blocks=1), types, devices, microbatch=4, client_bandwidth_mbps=1000.0)
+
+
+def test_fan_out_and_fan_in_share_the_stream_by_nic() -> None:
+    # The sender keeps one connection per replica, all carrying data at once: its own NIC carries
+    # the whole stream, each slow replica's NIC only a third of it. Gathering is the mirror image.
+    problem = _fast_and_slow_links()
+    mb, slow = 4, ("s1", "s2", "s3")
+    plan = make_plan(problem, mb, [Placement(("f",), 0, 1), Placement(slow, 1, 3), Placement(("g",), 3, 4)],
+                     solver="hand")
+    segs = problem.model.segments
+    one = [segs[j - 1].out_bytes * mb * 8 / 5e6 for j in (1, 3)]  # one microbatch over a 5 Mbps NIC
+    assert [s.send_s for s in plan.stages[:2]] == pytest.approx(one)
+    assert plan.stages[0].time_s == pytest.approx(one[0] / 3)  # fan-out: three transfers at once
+    assert plan.stages[1].time_s == pytest.approx(one[1] / 3)  # fan-in
+    ref = evaluate(problem, mb, [("f", 0, 1), (slow, 1, 3), ("g", 3, 4)])
+    assert [s.time_s for s in plan.stages] == pytest.approx(list(ref.times), rel=1e-12)
+    # the client fans out to a replicated first stage in the same way
+    first = make_plan(problem, mb, [Placement(slow, 0, 4)], solver="hand")
+    assert first.client_in_s == pytest.approx(problem.model.input_bytes * mb * 8 / 15e6)
+    assert first.latency_s == pytest.approx(evaluate(problem, mb, [(slow, 0, 4)]).latency_s, rel=1e-12)
+    for p in (plan, first):
+        assert simulate(problem, p, n_microbatches=1).latency_s == pytest.approx(p.latency_s, rel=1e-12)
+        assert simulate(problem, p, n_microbatches=240).throughput == pytest.approx(p.throughput, rel=1e-9)
+
+
+def test_replicas_on_slow_links_beat_a_pipeline_of_them() -> None:
+    # 1 fast device on 1 Gbps, 3 four times slower on 5 Mbps: one slow device is no use behind a
+    # 5 Mbps hop, three sharing a stage are (the issue's "1 fast + 3 slow" case).
+    types = (DeviceType("fast", gflops=0.01), DeviceType("slow", gflops=0.0025))
+    devices = (Device("f", "fast", 2**30, 1000.0), *(Device(f"s{i}", "slow", 2**30, 5.0) for i in (1, 2, 3)))
+    problem = Problem(vit_like(blocks=1), types, devices, microbatch=4, client_bandwidth_mbps=1000.0)
+    pipeline, replicated = solve(problem, max_replicas=1), solve(problem)
+    assert pipeline.devices == ("f",)
+    assert [len(s.replicas) for s in replicated.stages] == [3, 1]
+    assert replicated.throughput > 1.5 * pipeline.throughput
+    assert simulate(problem, replicated, n_microbatches=240).throughput == pytest.approx(replicated.throughput,
+                                                                                         rel=1e-9)
