@@ -114,10 +114,16 @@ def cut_bytes(problem: Problem) -> np.ndarray:
     return np.array([model.input_bytes, *(s.out_bytes for s in model.segments)], dtype=np.float64)
 
 
+def cut_at(problem: Problem, position: int) -> int:
+    """Bytes per sample crossing one position (``cut_bytes(problem)[position]``)."""
+    model = problem.model
+    return model.input_bytes if position == 0 else model.segments[position - 1].out_bytes
+
+
 def wire_bytes(problem: Problem, position: int, codec: str) -> float | None:
     """Bytes per sample on the wire at a cut in ``codec``; None when the cut has no such codec."""
     if codec == "raw":
-        return float(cut_bytes(problem)[position])
+        return float(cut_at(problem, position))
     if not 0 < position < len(problem.model.segments):
         return None
     entry = problem.model.segments[position - 1].codec(codec)
@@ -133,10 +139,9 @@ def weight_bytes(problem: Problem, int8: bool) -> np.ndarray:
 
 def stage_memory(problem: Problem, microbatch: int, first: int, end: int, int8: bool = False) -> int:
     segs = problem.model.segments[first:end]
-    cuts = cut_bytes(problem)
-    io = int(cuts[first]) + int(cuts[end])
+    io = cut_at(problem, first) + cut_at(problem, end)
     peak = max(s.activation_bytes for s in segs)
-    weights = int(weight_bytes(problem, int8)[first:end].sum())
+    weights = sum(s.int8.weight_bytes if int8 and s.int8 is not None else s.weight_bytes for s in segs)
     return weights + microbatch * (peak + problem.queue_depth * io) + problem.runtime_overhead_bytes
 
 
@@ -221,7 +226,6 @@ def evaluate(problem: Problem, microbatch: int, placements: Sequence[PlacementLi
         raise ValueError("a plan needs at least one stage")
     n = len(problem.model.segments)
     link = link_lookup(problem)
-    cuts = cut_bytes(problem) * microbatch
     replicas = [replica_costs(problem, microbatch, stages_in, k) for k in range(len(stages_in))]
     stages = []
     for k, p in enumerate(stages_in):
@@ -251,7 +255,8 @@ def evaluate(problem: Problem, microbatch: int, placements: Sequence[PlacementLi
             int8_weights=p.int8,
             error=combine_effects(effects) if effects else None,
         ))
-    client_one, client_in = client_hop(problem, float(cuts[0]), stages_in[0].devices, replicas[0].weights)
+    client_one, client_in = client_hop(problem, float(cut_at(problem, 0) * microbatch), stages_in[0].devices,
+                                       replicas[0].weights)
     times = [s.time_s for s in stages]
     slowest = int(np.argmax(times))
     if client_in > times[slowest]:
@@ -281,7 +286,7 @@ def replica_costs(problem: Problem, microbatch: int, stages: Sequence[PlacementL
     if len(set(p.devices)) != len(p.devices):
         raise PlanError(f"stage {k}: a device is listed twice among its replicas")
     codec_in = stages[k - 1].codec_out if k else "raw"
-    cuts = cut_bytes(problem) * microbatch
+    bytes_in, bytes_out = cut_at(problem, p.first) * microbatch, cut_at(problem, p.end) * microbatch
     compute, comm, cycle = [], [], []
     for name in p.devices:
         try:
@@ -292,8 +297,8 @@ def replica_costs(problem: Problem, microbatch: int, stages: Sequence[PlacementL
         if seconds is None:
             raise PlanError(f"stage {k}: device {name!r} (type {kind!r}) has no int8 compute figures")
         c = math.fsum(seconds[p.first:p.end])
-        recv, _ = comm_seconds(problem, kind, codec_in, float(cuts[p.first]))
-        _, send = comm_seconds(problem, kind, p.codec_out, float(cuts[p.end]))
+        recv, _ = comm_seconds(problem, kind, codec_in, float(bytes_in))
+        _, send = comm_seconds(problem, kind, p.codec_out, float(bytes_out))
         share = problem.device_type(kind).comm_share
         compute.append(c)
         comm.append(recv + send)

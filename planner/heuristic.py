@@ -201,6 +201,24 @@ def _smallest_passing(values: np.ndarray, test: Callable[[float], bool]) -> floa
     search by medians, which halves the candidates each step without sorting them all."""
     values = values[np.isfinite(values)]
     best = math.inf
+    if len(values) > 1024 and values.min() > 0:
+        # Many candidates: first bisect geometrically between the smallest and the largest (a
+        # test costs less than partitioning them all), keeping lo failing and hi passing; then
+        # only the candidates in (lo, hi] remain to search (any above hi passes).
+        lo, hi = float(values.min()), float(values.max())
+        if test(lo):
+            return lo
+        for _ in range(10):
+            mid = math.sqrt(lo * hi)
+            if not lo < mid < hi:
+                break
+            if test(mid):
+                hi = mid
+            else:
+                lo = mid
+        above = values[values > hi]
+        best = float(above.min()) if len(above) else math.inf
+        values = values[(values > lo) & (values <= hi)]
     while len(values):
         median = float(np.partition(values, len(values) // 2)[len(values) // 2])
         if test(median):

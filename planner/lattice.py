@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .tables import TOL, Tables, View, advance, advance_lex, focus, lex_min, make_view, window
+from .tables import TOL, Tables, View, _any, _infs, _nonzero, advance, advance_lex, focus, lex_min, make_view, window
 
 MAX, ERR, LEX, LAT = "max", "err", "lex", "lat"
 Values = tuple[np.ndarray, ...]  # one array (max, err, lat) or two (lex: error units, latency)
@@ -136,7 +136,7 @@ def _client(mode: str, seconds: tuple[float, float]) -> tuple[float, ...]:
 
 
 def _inf(mode: str, shape: tuple[int, ...]) -> Values:
-    return tuple(np.full(shape, np.inf) for _ in range(2 if mode == LEX else 1))
+    return tuple(_infs(shape) for _ in range(2 if mode == LEX else 1))
 
 
 # --- the programme -------------------------------------------------------------------------------
@@ -176,7 +176,7 @@ def run_lattice(
             layers[depth] = layer
         for g, (rows, values) in layer.parts.items():
             done = _combine(mode, tuple(v[:, 0, n] for v in values), tuple(np.array(c) for c in cout[g]))
-            for i in np.flatnonzero(np.isfinite(done[0])):
+            for i in _nonzero(np.isfinite(done[0])):
                 value = tuple(float(d[i]) for d in done)
                 finals.append(Final(value, depth, int(rows[i]), g))
                 if value < best:  # tuples compare lexicographically: the order of every mode
@@ -188,7 +188,7 @@ def run_lattice(
             continue
         for gb, kind in enumerate(t.kinds):
             b, r = kind.cls, kind.replicas
-            rows = np.flatnonzero((layer.counts[:, b] + r <= t.counts[b]) & live.alive)
+            rows = _nonzero((layer.counts[:, b] + r <= t.counts[b]) & live.alive)
             if not len(rows):
                 continue
             entries = {}
@@ -196,13 +196,13 @@ def run_lattice(
                 entry = live.entry(senders[gb][x], x)
                 if entry is not None:
                     entry = tuple(e[rows] for e in entry)
-                    if np.isfinite(entry[0]).any():
+                    if _any(np.isfinite(entry[0]), axis=None):
                         entries[x] = entry
             out = _stage_values(t, view, mode, gb, entries)
             if out is None:
                 continue
-            keep = np.isfinite(out[0]).any(axis=(1, 2))
-            if keep.any():
+            keep = _any(np.isfinite(out[0]), axis=(1, 2))
+            if _any(keep):
                 pending.setdefault(depth + r, []).append(
                     (gb, layer.codes[rows[keep]], layer.counts[rows[keep]], tuple(v[keep] for v in out)))
     return layers, finals
@@ -244,35 +244,47 @@ def _advance_groups(t: Tables, view: View, mode: str, gb: int, entries: dict[int
     if mode == MAX:
         return [(entry, _band(mode, view, gb, x, y, v), view.valid(gb, x, y, v)) for x, entry in entries.items()]
     cls = t.kinds[gb].cls
-    groups: dict[bytes, tuple[np.ndarray, Values]] = {}
+    groups: dict[object, tuple[int, Values]] = {}
     for x, entry in entries.items():
-        valid = view.valid(gb, x, y, v)
-        if not valid.any():
+        key = _valid_key(view, gb, x, y, v)
+        if key is None:
             continue
-        if mode != ERR:  # the receive CPU of the input, in codec x, at the stage's start
+        if mode != ERR and t.recv[cls, x].any():  # the receive CPU of the input, in codec x, at the stage's start
             entry = (*entry[:-1], entry[-1] + t.recv[cls, x][None, :])
-        key = valid.tobytes()
         if key in groups:
-            groups[key] = (valid, _minimum(mode, groups[key][1], entry))
+            groups[key] = (groups[key][0], _minimum(mode, groups[key][1], entry))
         else:
-            groups[key] = (valid, entry)
-    out = []
-    for valid, entry in groups.values():
-        if mode == ERR:
-            band: Values = (np.where(valid, view.err_units(gb, y, v), np.inf),)
-        elif mode == LAT:
-            band = (np.where(valid, view.lat_out(gb, y, v), np.inf),)
-        else:
-            band = (np.where(valid, view.err_units(gb, y, v), np.inf), np.where(valid, view.lat_out(gb, y, v), np.inf))
-        out.append((entry, band, valid))
-    return out
+            groups[key] = (x, entry)
+    return [(entry, _group_band(view, mode, gb, x, y, v), view.valid(gb, x, y, v)) for x, entry in groups.values()]
+
+
+def _valid_key(view: View, g: int, x: int, y: int, v: int) -> object:
+    """Identifies where the cells of (g, x, y, v) are valid (None: nowhere): input codecs with the
+    same valid cells share an advance."""
+    key = ("valid_key", g, x, y, v)
+    if key not in view.cache:
+        valid = view.valid(g, x, y, v)
+        view.cache[key] = valid.tobytes() if valid.any() else None
+    return view.cache[key]
+
+
+def _group_band(view: View, mode: str, g: int, x: int, y: int, v: int) -> Values:
+    """The band of the err, lat and lex modes where the cells of input codec x are valid (the
+    receive cost is in the entry); built once per view."""
+    key = ("group_band", mode, g, x, y, v)
+    if key not in view.cache:
+        valid = view.valid(g, x, y, v)
+        err = (np.where(valid, view.err_units(g, y, v), np.inf),) if mode in (ERR, LEX) else ()
+        lat = (np.where(valid, view.lat_out(g, y, v), np.inf),) if mode in (LAT, LEX) else ()
+        view.cache[key] = err + lat
+    return view.cache[key]
 
 
 def _finite_lengths(valid: np.ndarray, lo: int, hi: int) -> np.ndarray:
     """Stage lengths d with a valid cell for some start in [lo, hi]."""
     if hi < lo or not valid.shape[1]:
         return np.zeros(0, dtype=np.int64)
-    return np.flatnonzero(valid[lo: hi + 1].any(axis=0)) + 1
+    return _nonzero(_any(valid[lo: hi + 1], axis=0)) + 1
 
 
 class _Live:
@@ -294,7 +306,7 @@ class _Live:
             # Over the codecs, each array's own minimum: for (error, latency) pairs this can only
             # call more rows alive than are (extra work, never a lost plan).
             low = tuple(v.min(axis=1) for v in values)
-            alive = np.isfinite(self._prune(low, rows)[0]).any(axis=1)
+            alive = _any(np.isfinite(self._prune(low, rows)[0]), axis=1)
             self.alive[rows[alive]] = True
 
     def _prune(self, low: Values, rows: np.ndarray | None = None) -> Values:
@@ -353,10 +365,9 @@ def _sender_groups(t: Tables, view: View, mode: str) -> list[list[_Senders]]:
         per_codec = []
         for x in range(len(t.codecs)):
             groups: dict[bytes, tuple[list[int], Values]] = {}
-            for ga in range(len(t.kinds)):
+            reachable = np.isfinite(view.hops(x)[:, gb]).any(axis=1)
+            for ga in _nonzero(reachable).tolist():
                 column = _hop(mode, view, x, ga, gb)
-                if not np.isfinite(column[0]).any():
-                    continue
                 key = b"".join(c.tobytes() for c in column)
                 groups.setdefault(key, ([], column))[0].append(ga)
             found = [(tuple(members), column) for members, column in groups.values()]

@@ -47,7 +47,7 @@ from .units import format_bytes, format_seconds
 DEFAULT_MAX_EXACT_STATES = 350_000
 DEFAULT_THROUGHPUT_SLACK = 0.01
 BEAM_WIDTH = 256  # rows kept per layer by the heuristic's beam search
-GUESS_ABOVE_BOUND = 1.02  # the first bottleneck programme runs under the lower bound times this
+GUESSES_ABOVE_BOUND = (1.005, 1.02)  # the first bottleneck programmes run under the lower bound times these
 
 
 class InfeasibleError(ValueError):
@@ -143,11 +143,17 @@ def _fastest(problem: Problem, microbatch: int, method: str, max_exact_states: i
         # The relaxed bound is usually within a few per cent of the optimum: the programme under a
         # bound just above it has narrow bands and needs no heuristic's plan to prune with. It is
         # exact whenever it finds a plan (nothing faster can exist below the bound).
-        guess = lower * GUESS_ABOVE_BOUND
-        if method == "exact" or lattice_states(_pruned(t, guess)) <= max_exact_states:
-            found = min_bottleneck(t, guess, lower=lower)
+        # Narrower first: a bound 0.5 % above costs a third less than 2 % above, and when it finds
+        # nothing it proves every plan slower, which lets the next try drop more replica groups.
+        floor = lower
+        for above in GUESSES_ABOVE_BOUND:
+            guess = lower * above
+            if method != "exact" and lattice_states(_pruned(t, guess)) > max_exact_states:
+                break
+            found = min_bottleneck(t, guess, lower=floor)
             if math.isfinite(found):
                 return _Fastest(t, found, found, True, None, None)
+            floor = guess
     # A plain plan (one device per stage, raw, fp32) is within any budget: an upper bound for
     # every step below, and the classes that have no stage within it can be dropped.
     quick = class_orders(t, budget=6)

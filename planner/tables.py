@@ -37,6 +37,22 @@ from .problem import (
     segment_seconds,
 )
 
+# The programme calls these thousands of times on small arrays: the bare ufuncs and methods, without
+# numpy's Python-level wrappers (np.flatnonzero, ndarray.any, np.full).
+_any = np.logical_or.reduce
+
+
+def _nonzero(a: np.ndarray) -> np.ndarray:
+    """Indices of the true (non-zero) entries of a 1-D array."""
+    return a.nonzero()[0]
+
+
+def _infs(shape: tuple[int, ...]) -> np.ndarray:
+    out = np.empty(shape)
+    out.fill(np.inf)
+    return out
+
+
 TOL = 1e-9  # relative slack when comparing times: plans within it count as ties
 Op = Callable[[np.ndarray, np.ndarray], np.ndarray]  # np.maximum (bottleneck) or np.add (latency)
 VARIANTS = ("fp32", "int8")
@@ -443,20 +459,31 @@ class View:
 
     def hop(self, x: int, ga: int, gb: int) -> np.ndarray:
         """(S+1,): the hop step from kind ga to kind gb at each cut in codec x; inf over the bound."""
-        key = ("hop", x, ga, gb)
+        return self.hops(x)[ga, gb]
+
+    def hops(self, x: int) -> np.ndarray:
+        """(G, G, S+1): ``hop`` for every pair of kinds at once."""
+        key = ("hops", x)
         if key not in self.cache:
             t = self.tables
-            ka, kb = t.kinds[ga], t.kinds[gb]
-            step = np.maximum(np.maximum(t.nic[x, :, ka.cls] / ka.replicas, t.nic[x, :, kb.cls] / kb.replicas),
-                              t.wire[x, :, ka.cls, kb.cls] / (ka.replicas * kb.replicas))
+            cls = np.array([k.cls for k in t.kinds], dtype=np.int64)
+            r = np.array([k.replicas for k in t.kinds], dtype=np.float64)
+            nic = t.nic[x][:, cls].T / r[:, None]  # (G, S+1): one kind's NICs, each carrying its share
+            pair = t.wire[x][:, cls[:, None], cls[None, :]]  # (S+1, G, G)
+            step = np.maximum(np.maximum(nic[:, None, :], nic[None, :, :]),
+                              np.moveaxis(pair, 0, 2) / (r[:, None] * r[None, :])[:, :, None])
             self.cache[key] = np.where(step <= self.bound, step, np.inf)
         return self.cache[key]
 
     def hop_lat(self, x: int, ga: int, gb: int) -> np.ndarray:
         """(S+1,): one microbatch's wire time on that hop (not shared out); inf where ``hop`` is."""
-        t = self.tables
-        ka, kb = t.kinds[ga], t.kinds[gb]
-        return np.where(np.isfinite(self.hop(x, ga, gb)), t.wire[x, :, ka.cls, kb.cls], np.inf)
+        key = ("hops_lat", x)
+        if key not in self.cache:
+            t = self.tables
+            cls = np.array([k.cls for k in t.kinds], dtype=np.int64)
+            pair = np.moveaxis(t.wire[x][:, cls[:, None], cls[None, :]], 0, 2)  # (G, G, S+1)
+            self.cache[key] = np.where(np.isfinite(self.hops(x)), pair, np.inf)
+        return self.cache[key][ga, gb]
 
     def client_in(self, g: int) -> tuple[float, float]:
         """(step, one transfer) of the client link into kind g; inf over the bound."""
@@ -558,7 +585,7 @@ def focus(t: Tables, bound: float, theta: float | None = None) -> tuple[Tables, 
 def window(entry: np.ndarray) -> tuple[int, int]:
     """(lo, hi): the positions where some row of ``entry`` is finite lie in [lo, hi] (lo > hi: none).
     Layers reach only a window of positions, so each advance works on that window."""
-    finite = np.flatnonzero(np.isfinite(entry).any(axis=0))
+    finite = _nonzero(_any(np.isfinite(entry), axis=0))
     return (int(finite[0]), int(finite[-1])) if len(finite) else (0, -1)
 
 
@@ -589,7 +616,7 @@ def advance(entry: np.ndarray, band: np.ndarray, op: Op, lengths: np.ndarray | N
     done at once: the entry is gathered at every (k, d) and reduced over d.
     """
     n = entry.shape[1]
-    out = np.full(entry.shape, np.inf)
+    out = _infs(entry.shape)
     lo, hi = window(entry) if span is None else span
     found = _gather(lo, hi, n, band, lengths)
     if found is None:
