@@ -16,6 +16,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from .cost import client_hop, cut_at
 from .plan import CLIENT_LINK, Plan, Stage
 from .problem import ErrorBudget, ErrorEffect, Problem
 from .units import format_bytes, format_seconds
@@ -97,7 +98,9 @@ def explain(problem: Problem, plan: Plan, baselines: Baselines = ()) -> Group:
     if plan.client_in_s or plan.bottleneck == CLIENT_LINK:
         mark = "◀ bottleneck" if plan.bottleneck == CLIENT_LINK else ""
         row = ["", "client", f"input → {devices_label(plan.stages[0])}", ""] + ([""] if with_comm else [])
-        row += [format_seconds(plan.client_in_s)] * (2 if replicated or with_comm else 1)
+        # send: one input's transfer; step: the client link's pace (shared out to the replicas)
+        one = _client_transfer(problem, plan)
+        row += [format_seconds(one)] + ([format_seconds(plan.client_in_s)] if replicated or with_comm else [])
         row += (["raw", ""] if lossy else []) + ["", Text(mark, style="bold red")]
         table.add_row(*row)
     for stage, row in zip(plan.stages, info["stages"], strict=True):
@@ -252,3 +255,11 @@ def _rate(x: float) -> str:
 
 def _finite(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
+
+
+def _client_transfer(problem: Problem, plan: Plan) -> float:
+    """One microbatch's input from the client to the slowest of the first stage's replicas."""
+    stage = plan.stages[0]
+    one, _ = client_hop(problem, float(cut_at(problem, 0) * plan.microbatch), stage.devices,
+                        tuple(r.weight for r in stage.replicas))
+    return one if problem.client_bandwidth_mbps is not None else plan.client_in_s
