@@ -214,6 +214,17 @@ def _stage_values(t: Tables, view: View, mode: str, gb: int, entries: dict[int, 
     if not entries:
         return None
     rows, n1 = next(iter(entries.values()))[0].shape
+    if len(t.codecs) == 1 and len(t.variants) == 1 and len(entries) == 1:
+        # One codec and one variant: a single advance, its values are the output (no merging).
+        groups = _advance_groups(t, view, mode, gb, entries, 0, 0)
+        if not groups:
+            return None
+        entry, band, valid = groups[0]
+        span = window(entry[0])
+        lengths = _finite_lengths(valid, *span)
+        if not len(lengths):
+            return None
+        return tuple(v[:, None, :] for v in _advance(mode, entry, band, lengths, span))
     out = _inf(mode, (rows, len(t.codecs), n1))
     reached = False
     for y in range(len(t.codecs)):
