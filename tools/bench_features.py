@@ -158,8 +158,8 @@ def cluster_toml(case: Case, setup: Setup) -> str:
 def calibrate_int8(model: str, microbatch: int, workdir: Path) -> float:
     """GFLOPS one core sustains on ``model`` with int8 weights (the whole model quantized the way
     stages are), to set each kind's int8 speed for the planner."""
-    from bench_cluster import _spec
     from edgepipe.agent.device.profiler import random_feeds, time_runs
+    from edgepipe.agent.formats.bundle import TensorSpec
     from edgepipe.compiler.build import candidate_cuts, load_model, spec_for
     from edgepipe.compiler.compression import cpu_session
     from edgepipe.compiler.quantize import quantize_onnx
@@ -170,7 +170,9 @@ def calibrate_int8(model: str, microbatch: int, workdir: Path) -> float:
     if not path.is_file():
         quantize_onnx(loaded.path, path)
     session = cpu_session(path, threads=1)
-    feeds = random_feeds([_spec(i) for i in session.get_inputs()], microbatch)
+    specs = [TensorSpec(i.name, "float32", tuple(d if isinstance(d, int) else "batch" for d in i.shape))
+             for i in session.get_inputs()]
+    feeds = random_feeds(specs, microbatch)
     return flops * microbatch / time_runs(session, feeds, repeats=3, warmup=1) / 1e9
 
 
