@@ -26,6 +26,7 @@ runtime (`serve --codec`, replicated `--next`) and the planner v2 (error budgets
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -230,7 +231,8 @@ def stage_wiring(plan: Any) -> list[dict[str, Any]]:
 
 
 def run_plan(cluster_path: Path, bundle_dirs: list[Path], wiring: list[dict[str, Any]], batches: list[np.ndarray],
-             secure: bool, workdir: Path, threads: int = 1, timeout_s: float = 900.0) -> Run:
+             secure: bool, workdir: Path, threads: int = 1, timeout_s: float = 900.0,
+             serve_args: tuple[str, ...] = ()) -> Run:
     """Serve every stage on each of its replica devices (data plane v2: `--next` once per downstream
     replica, `--codec` on the output hop, CurveZMQ keys unless insecure) and push ``batches`` through
     (the first one untimed)."""
@@ -260,7 +262,7 @@ def run_plan(cluster_path: Path, bundle_dirs: list[Path], wiring: list[dict[str,
                         "--listen", bed.endpoint(device, DATA_PORT), "--threads", str(threads),
                         "--ready-file", str(ready_file), "--log-level", "warning",
                         "--max-batch", str(max(len(b) for b in batches)), "--device", device,
-                        "--codec", row["codec_out"] if k + 1 < len(wiring) else "raw"]
+                        "--codec", row["codec_out"] if k + 1 < len(wiring) else "raw", *serve_args]
                 if k + 1 < len(wiring):
                     nxt = wiring[k + 1]
                     for peer, weight in zip(nxt["devices"], nxt["weights"]):
@@ -331,7 +333,8 @@ def measure_case(case: Case, setup: Setup) -> dict[str, Any]:
     built = compile_model(setup.model, work / "bundles", plan=plan, lossy=lossy)
     row["deployed_error"] = None if built.accuracy is None else built.accuracy.measured.to_dict()
     batches, expected = reference(setup, built.model_path)
-    run = run_plan(cluster_path, built.bundle_dirs, wiring, batches, setup.secure, work)
+    run = run_plan(cluster_path, built.bundle_dirs, wiring, batches, setup.secure, work,
+                   serve_args=setup.extra.get("serve_args", ()))
     measured = output_error(expected, [np.concatenate(run.outputs)], classifier=True)
     row.update({"measured_throughput": run.throughput,
                 "prediction_error_pct": 100.0 * (row["predicted_throughput"] - run.throughput) / run.throughput,
@@ -481,9 +484,14 @@ CoresOpt = Annotated[float, typer.Option(help="Cores shared out among the device
 def compress_cmd(model: ModelOpt = LARGE, microbatch: MbOpt = 1, count: CountOpt = 6,
                  out: OutOpt = Path("build/bench-features"), budget: BudgetOpt = DEFAULT_BUDGET,
                  samples: SamplesOpt = 8, secure: SecureOpt = True, plan_only: PlanOnlyOpt = False,
-                 as_json: JsonOpt = None) -> None:
+                 as_json: JsonOpt = None,
+                 credit: Annotated[int | None, typer.Option(help="serve --credit for every stage (messages "
+                                                                  "in flight per upstream peer).")] = None) -> None:
     """fp32 plan vs the planner's compressed plan, 4 devices at 5 and 20 Mbps."""
     setup = make_setup(model, microbatch, count, out, samples, secure, plan_only, budgets=True)
+    if credit is not None:
+        setup = dataclasses.replace(setup, extra={**setup.extra, "serve_args": ("--credit", str(credit))})
+        RESULTS["credit"] = credit
     _finish(setup, run_cases(compress_cases("5 Mbps", budget) + compress_cases("20 Mbps", budget), setup), as_json)
 
 
