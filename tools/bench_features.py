@@ -432,7 +432,7 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
 
 
 def make_setup(model: str, microbatch: int, count: int, out: Path, samples: int, secure: bool, plan_only: bool,
-               budgets: bool) -> Setup:
+               budgets: bool, calibration_from: Path | None = None) -> Setup:
     import emulate
     from bench_cluster import calibrate
     from edgepipe.compiler.build import candidate_cuts, load_model
@@ -445,8 +445,16 @@ def make_setup(model: str, microbatch: int, count: int, out: Path, samples: int,
             console.print(f"error: {problem} (or use --plan-only)")
             raise typer.Exit(2)
     out.mkdir(parents=True, exist_ok=True)
-    console.print(f"calibrating {model} on one core (fp32 and int8 weights) ...")
-    core, core_int8 = calibrate(model, microbatch), calibrate_int8(model, microbatch, out)
+    if calibration_from is not None:  # an earlier run's speeds: predictions comparable with that run's
+        earlier = json.loads(calibration_from.read_text())
+        if earlier.get("model") != model or earlier.get("microbatch") != microbatch:
+            console.print(f"error: {calibration_from} calibrated {earlier.get('model')} at microbatch "
+                          f"{earlier.get('microbatch')}, not {model} at {microbatch}")
+            raise typer.Exit(2)
+        core, core_int8 = float(earlier["core_gflops"]), float(earlier["int8_core_gflops"])
+    else:
+        console.print(f"calibrating {model} on one core (fp32 and int8 weights) ...")
+        core, core_int8 = calibrate(model, microbatch), calibrate_int8(model, microbatch, out)
     measurements = None
     if budgets:
         console.print("measuring each cut's codecs and each segment's int8 weights (cached) ...")
@@ -519,9 +527,16 @@ def paper_cmd(model: ModelOpt = LARGE, microbatch: MbOpt = 1, count: CountOpt = 
 def all_cmd(model: ModelOpt = LARGE, microbatch: MbOpt = 1, count: CountOpt = 4,
             out: OutOpt = Path("build/bench-features"), budget: BudgetOpt = DEFAULT_BUDGET, samples: SamplesOpt = 8,
             cores: CoresOpt = float(os.cpu_count() or 2), secure: SecureOpt = True, plan_only: PlanOnlyOpt = False,
-            as_json: JsonOpt = None) -> None:
+            as_json: JsonOpt = None,
+            calibration_from: Annotated[Path | None, typer.Option(
+                help="With --plan-only: take the device speeds from an earlier run's --json instead of "
+                     "calibrating (predictions comparable with that run's; nothing is measured).")] = None) -> None:
     """compress, replicate and paper in one run (one calibration)."""
-    setup = make_setup(model, microbatch, count, out, samples, secure, plan_only, budgets=True)
+    if calibration_from is not None and not plan_only:
+        console.print("error: --calibration-from needs --plan-only (a measured run calibrates on this machine)")
+        raise typer.Exit(2)
+    setup = make_setup(model, microbatch, count, out, samples, secure, plan_only, budgets=True,
+                       calibration_from=calibration_from)
     cases = (compress_cases("5 Mbps", budget) + compress_cases("20 Mbps", budget) + replicate_cases("5 Mbps")
              + paper_cases("1 Gbps", budget, cores) + paper_cases("5 Mbps", budget, cores))
     _finish(setup, run_cases(cases, setup), as_json)
