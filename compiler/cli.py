@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from edgepipe.agent.formats.bundle import BundleError
+from edgepipe.agent.formats.keys import KeyFileError
 from edgepipe.compiler.build import (
     CompileError,
     CompileResult,
@@ -28,7 +29,8 @@ app = typer.Typer(add_completion=False, rich_markup_mode="rich", pretty_exceptio
 console = Console()
 err = Console(stderr=True)
 
-USER_ERRORS = (CompileError, CutError, ExportError, VerificationError, ModelError, BundleError, OSError)
+USER_ERRORS = (CompileError, CutError, ExportError, VerificationError, ModelError, BundleError, OSError,
+               KeyFileError)
 
 
 @app.command(
@@ -65,6 +67,12 @@ def compile_command(
         "With --cluster: have the devices measure bandwidth and latency to each other."))] = False,
     profile_bundle: Annotated[Path | None, typer.Option(
         help="Write the profiling bundle (one piece per distinct segment) to this dir and stop.")] = None,
+    key: Annotated[Path | None, typer.Option("--key", help=(
+        "With --profile/--probe-links: this workstation's secret key [$EDGEPIPE_KEYS or ~/.config/edgepipe/keys, "
+        "workstation.key_secret]."))] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help=(
+        "With --profile/--probe-links: talk to daemons started with --insecure (plaintext, no "
+        "authentication)."))] = False,
     opset: Annotated[int, typer.Option(help="ONNX opset for the export.")] = DEFAULT_OPSET,
     verify: Annotated[bool, typer.Option(help="Check chained stages reproduce the whole model.")] = True,
     tolerance: Annotated[float, typer.Option(help="Largest allowed |difference| when verifying.")] = DEFAULT_TOLERANCE,
@@ -93,7 +101,8 @@ def compile_command(
         if cluster is not None:
             plan_obj = _plan_for_cluster(model, onnx, checkpoint, opset, cluster, microbatch, max_tensors,
                                          out, problem_out, as_json, profile=profile, profiles_dir=profiles_dir,
-                                         profile_threads=profile_threads, probe=probe_links)
+                                         profile_threads=profile_threads, probe=probe_links, key=key,
+                                         insecure=insecure)
         elif profile or probe_links or profiles_dir is not None:
             raise CompileError("--profile, --profiles-dir and --probe-links need --cluster")
         elif plan is not None:
@@ -182,8 +191,10 @@ def _cut_row(cut: Cut, segment) -> dict:
 
 
 def _plan_for_cluster(model, onnx, checkpoint, opset, cluster_path, microbatch, max_tensors, out,
-                      problem_out, quiet, *, profile=False, profiles_dir=None, profile_threads=1, probe=False):
+                      problem_out, quiet, *, profile=False, profiles_dir=None, profile_threads=1, probe=False,
+                      key=None, insecure=False):
     import dataclasses
+    import shutil
 
     from edgepipe.compiler.planning import apply_profiles, load_device_profiles, usable_devices
     from edgepipe.planner.baselines import all_baselines
@@ -201,10 +212,11 @@ def _plan_for_cluster(model, onnx, checkpoint, opset, cluster_path, microbatch, 
     spec = spec_for(loaded, cuts)
     profiles_dir = Path(profiles_dir) if profiles_dir is not None else Path(out) / "profiles"
     left_out: dict[str, str] = {}
+    keypair = _workstation_keypair(key, insecure) if profile or probe else None
     if profile or profiles_dir.is_dir():
         if profile:
             profiles, missing = _profile_devices(loaded, cuts, cluster, profiles_dir, microbatch, profile_threads,
-                                                 quiet)
+                                                 quiet, keypair)
         else:
             profiles, missing = load_device_profiles(profiles_dir, cluster, spec)
         short = [p.device for p in profiles if microbatch not in p.seconds]
@@ -214,7 +226,7 @@ def _plan_for_cluster(model, onnx, checkpoint, opset, cluster_path, microbatch, 
         cluster, left_out = usable_devices(cluster, microbatch)
         _print_profile_sources(cluster, profiles, missing, left_out, quiet)
     if probe:
-        cluster = _probe_links(cluster, spec, profiles_dir, microbatch, quiet)
+        cluster = _probe_links(cluster, spec, profiles_dir, microbatch, quiet, keypair)
     problem = problem_for(cluster, spec, microbatch)
     if problem_out is not None:
         Path(problem_out).parent.mkdir(parents=True, exist_ok=True)
@@ -224,12 +236,27 @@ def _plan_for_cluster(model, onnx, checkpoint, opset, cluster_path, microbatch, 
         plan = dataclasses.replace(plan, left_out={**plan.left_out, **left_out})
     Path(out).mkdir(parents=True, exist_ok=True)
     save_plan(plan, Path(out) / "plan.json")
+    # What `edgepipe-fleet deploy OUT` reads (devices' daemons and keys) and what a failover re-plans from.
+    save_problem(problem, Path(out) / "problem.json")
+    if Path(cluster_path).resolve() != (Path(out) / "cluster.toml").resolve():
+        shutil.copyfile(cluster_path, Path(out) / "cluster.toml")
     if not quiet:
         console.print(explain(problem, plan, all_baselines(problem, plan.microbatch)))
     return plan
 
 
-def _profile_devices(loaded, cuts, cluster, profiles_dir: Path, microbatch: int, threads: int, quiet: bool):
+def _workstation_keypair(key: Path | None, insecure: bool):
+    from edgepipe.agent.formats.keys import key_dir, load_keypair
+
+    if insecure:
+        err.print("[yellow]warning:[/yellow] --insecure: profiling requests are plaintext and unauthenticated",
+                  highlight=False)
+        return None
+    return load_keypair(key or key_dir() / "workstation.key_secret")
+
+
+def _profile_devices(loaded, cuts, cluster, profiles_dir: Path, microbatch: int, threads: int, quiet: bool,
+                     keypair):
     from edgepipe.compiler.profiling import write_profile_bundle
     from edgepipe.compiler.remote_profile import profile_cluster
 
@@ -239,17 +266,17 @@ def _profile_devices(loaded, cuts, cluster, profiles_dir: Path, microbatch: int,
                   TimeElapsedColumn(), console=err, transient=True, disable=quiet) as bar:
         task = bar.add_task("profile", total=len(cluster.devices))
         return profile_cluster(cluster, bundle_dir, profiles_dir, (microbatch,), threads,
-                               on_device=lambda _outcome: bar.advance(task))
+                               on_device=lambda _outcome: bar.advance(task), keypair=keypair)
 
 
-def _probe_links(cluster, spec, profiles_dir: Path, microbatch: int, quiet: bool):
+def _probe_links(cluster, spec, profiles_dir: Path, microbatch: int, quiet: bool, keypair):
     import dataclasses
 
     from edgepipe.compiler.remote_profile import merge_links, probe_links
 
     # the largest activation a stage may send: what the planner's link times are about
     tensor_bytes = min(max(s.out_bytes for s in spec.segments) * microbatch, 64 * 2**20)
-    links, failures = probe_links(cluster, profiles_dir, tensor_bytes)
+    links, failures = probe_links(cluster, profiles_dir, tensor_bytes, keypair=keypair)
     for pair, reason in failures.items():
         err.print(f"[yellow]link {pair} not measured:[/yellow] {reason}", highlight=False)
     if not quiet and links:
