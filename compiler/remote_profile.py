@@ -58,7 +58,7 @@ def cluster_access(cluster: Cluster, keypair: KeyPair | None) -> Access:
     from edgepipe.compiler.fleet.build import BuildError, device_targets
 
     try:
-        targets = device_targets(cluster, insecure=keypair is None)
+        targets = device_targets(cluster)
     except BuildError as exc:
         raise ControlError(str(exc)) from None
     return Access(keypair, {n: t.control for n, t in targets.items()}, {n: t.public_key for n, t in targets.items()})

@@ -162,7 +162,7 @@ def load_build(build_dir: Path, *, cluster_path: Path | None = None, devices: li
     except ClusterError as exc:
         raise BuildError(str(exc)) from None
     placement = _placement(stages, plan, devices, build_dir)
-    targets = device_targets(cluster, insecure)
+    targets = device_targets(cluster)
     for names in placement:
         for name in names:
             if name not in {d.name for d in cluster.devices}:
@@ -170,6 +170,9 @@ def load_build(build_dir: Path, *, cluster_path: Path | None = None, devices: li
             if name not in targets:
                 raise BuildError(f"{cluster.source}: [[device]] {name!r} has no control endpoint (control = "
                                  "\"tcp://host:5560\")")
+            if targets[name].public_key is None and not insecure:
+                raise BuildError(f"{cluster.source}: [[device]] {name!r} has no public_key (its `edgepipe-agent "
+                                 "keygen` output); add it, or deploy with --insecure")
     try:
         clients = tuple(k.decode() for k in sorted(load_key_list(_relative(cluster, s) for s in cluster.client_keys)))
     except KeyFileError as exc:
@@ -206,8 +209,9 @@ def _replicas(stage: object) -> tuple[str, ...]:
     return (stage.device,)  # type: ignore[attr-defined]
 
 
-def device_targets(cluster: Cluster, insecure: bool) -> dict[str, DeviceTarget]:
-    """Every device that names a daemon, with its public key (required unless ``insecure``)."""
+def device_targets(cluster: Cluster) -> dict[str, DeviceTarget]:
+    """Every device that names a daemon, with its public key (None when the cluster file has none:
+    only insecure mode can talk to it)."""
     targets = {}
     for device in cluster.devices:
         endpoint = cluster.control.get(device.name) or device.address
@@ -224,9 +228,6 @@ def device_targets(cluster: Cluster, insecure: bool) -> dict[str, DeviceTarget]:
                 key = load_public_key(_relative(cluster, key)).decode()
             except KeyFileError as exc:
                 raise BuildError(f"{cluster.source}: [[device]] {device.name!r}.public_key: {exc}") from None
-        elif not insecure:
-            raise BuildError(f"{cluster.source}: [[device]] {device.name!r} has no public_key (its "
-                             "`edgepipe-agent keygen` output); add it, or deploy with --insecure")
         targets[device.name] = DeviceTarget(device.name, endpoint, match.group(1), key or None)
     return targets
 

@@ -207,26 +207,25 @@ def status_cmd(
 
 
 def _deployed(build_dir: Path, cluster: Path | None, key: Path | None, insecure: bool) -> tuple[DeploymentState, Fleet]:
-    from edgepipe.compiler.fleet.build import device_targets
+    """The deployment made from ``build_dir`` and how to reach its daemons (insecure if it was
+    deployed insecure)."""
+    from edgepipe.compiler.fleet.build import CLUSTER_COPY, device_targets
+    from edgepipe.planner.cluster import ClusterError, load_cluster
 
     state = load_state(build_dir)
     if state is None:
         raise BadInput(f"{build_dir}: nothing deployed from here (no deployment.json); run edgepipe-fleet deploy")
-    insecure = insecure or state.insecure
-    from edgepipe.compiler.fleet.build import CLUSTER_COPY
-    from edgepipe.planner.cluster import ClusterError, load_cluster
-
     try:
-        cl = load_cluster(cluster or Path(build_dir) / CLUSTER_COPY)
+        targets = device_targets(load_cluster(cluster or Path(build_dir) / CLUSTER_COPY))
     except ClusterError as exc:
         raise BuildError(str(exc)) from None
-    return state, Fleet(_keypair(key, insecure) if not state.insecure else None, device_targets(cl, insecure))
+    return state, Fleet(_keypair(key, insecure or state.insecure), targets)
 
 
 def _print_status(doc: dict[str, Any]) -> None:
     title = f"deployment {doc['deployment']} generation {doc['generation']} ({doc['model_id']})"
     if doc["stopped"]:
-        title += " [stopped]"
+        title += " (stopped)"
     table = Table(title=title)
     for col in ("device", "stage", "state", "pid", "up", "requests", "req/s", "queue", "heartbeat", "restarts",
                 "last error"):

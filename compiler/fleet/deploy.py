@@ -103,7 +103,15 @@ class Fleet:
             with self.connect(device) as conn:
                 return conn.request(header, timeout_s=timeout_s)
         except ControlError as exc:
-            raise ControlError(_name_device(device, exc)) from None
+            raise ControlError(self.name(device, exc)) from None
+
+    def name(self, device: str, exc: BaseException) -> str:
+        """``device: message``, without the endpoint the connection put in front."""
+        text = str(exc)
+        target = self.targets.get(device)
+        if target is not None and text.startswith(f"{target.control}: "):
+            text = text[len(target.control) + 2:]
+        return text if text.startswith(f"{device}: ") else f"{device}: {text}"
 
     def each(self, devices: Sequence[str], work: Callable[[str], Any]) -> tuple[dict[str, Any], dict[str, str]]:
         """``work(device)`` on every device in parallel: results and, per failed device, why."""
@@ -115,17 +123,12 @@ class Fleet:
         def one(device: str) -> None:
             try:
                 results[device] = work(device)
-            except (ControlError, OSError) as exc:
-                errors[device] = _name_device(device, exc)
+            except (ControlError, OSError, KeyError, TypeError, ValueError) as exc:
+                errors[device] = self.name(device, exc)
 
         with ThreadPoolExecutor(max_workers=len(devices)) as pool:
             list(pool.map(one, devices))
         return results, errors
-
-
-def _name_device(device: str, exc: BaseException) -> str:
-    text = str(exc)
-    return text if text.startswith(f"{device}:") else f"{device}: {text}"
 
 
 # -- deploy ----------------------------------------------------------------------------------------
@@ -231,7 +234,7 @@ def deploy(build: Build, fleet: Fleet, options: DeployOptions = DeployOptions(),
                 reply = fleet.request(d, {"cmd": "start", "deployment": deployment, "generation": generation,
                                           "stages": wirings[d], "drain": options.drain})
                 actions = {i: "kept" for i in reply.get("kept", [])}
-                actions.update({i: "started" for i in reply.get("started", [])})
+                actions.update({i: _started_as(i, d, build, prior) for i in reply.get("started", [])})
                 actions.update({i: "stopped" for i in reply.get("stopped", []) if i not in actions})
                 report(d, actions=actions)
                 launches.update({(d, i): fp for i, fp in reply.get("launches", {}).items()})
@@ -270,6 +273,18 @@ def deploy(build: Build, fleet: Fleet, options: DeployOptions = DeployOptions(),
             report(d, error=f"endpoints not published: {error}")
     return DeployOutcome(state, endpoints, endpoints_path, tuple(r.copy() for r in reports.values()),
                          time.perf_counter() - started, timings)
+
+
+def _started_as(instance: str, device: str, build: Build, prior: DeploymentState | None) -> str:
+    """How a (re)started instance differs from what ran there: "replaced" (a new bundle), "rewired"
+    (the same bundle, other neighbours or options) or "started" (nothing ran there)."""
+    if prior is None or prior.stopped:
+        return "started"
+    before = next((p for p in prior.placements if p.device == device and p.instance == instance), None)
+    if before is None:
+        return "started"
+    k = int(instance.rsplit("-", 1)[1])
+    return "rewired" if before.manifest == build.stages[k].manifest_sha256 else "replaced"
 
 
 def _wiring(build: Build, k: int, device: str, listen: dict[tuple[int, str], str], generation: int,
@@ -391,7 +406,7 @@ def stop(state: DeploymentState, fleet: Fleet, build_dir: Path, *, drain: bool =
             if progress is not None:
                 progress(DeviceProgress(d, (), state="stopped"))
         except ControlError as exc:
-            unreachable[d] = _name_device(d, exc)
+            unreachable[d] = fleet.name(d, exc)
             if progress is not None:
                 progress(DeviceProgress(d, (), state="failed", error=unreachable[d]))
     save_state(build_dir, replace(state, stopped=True, updated=time.time()))

@@ -30,7 +30,7 @@ def collect(state: DeploymentState, fleet: Fleet, timeout_s: float = STATUS_TIME
                                  lambda d: fleet.request(d, {"cmd": "status"}, timeout_s))
     rows = []
     for d in devices:
-        expected = [p for p in state.placements if p.device == d]
+        expected = [] if state.stopped else [p for p in state.placements if p.device == d]
         if d not in replies:
             rows.append({"device": d, "reachable": False, "lost": d in state.lost,
                          "error": errors.get(d, f"{d}: not in the cluster file"),

@@ -1,0 +1,186 @@
+"""Helpers for the fleet tests: real `edgepipe-agent daemon` processes on loopback (each with its own
+key and state directory, the tests' workstation key authorised), cluster files naming them, the
+`edgepipe-fleet` CLI as a subprocess, and the whole model run in ONNX Runtime as the reference."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from edgepipe.agent.control_client import auth_for, control_request
+from edgepipe.agent.formats.keys import KeyPair, generate_keypair
+
+BIN = Path(sys.executable).parent
+TINY = "vit_tiny_patch16_224"
+
+
+@dataclass(frozen=True)
+class Keys:
+    workstation: KeyPair
+    workstation_file: Path
+    client: KeyPair
+    client_file: Path  # its secret key file
+    root: Path
+
+
+@dataclass
+class Daemon:
+    name: str
+    endpoint: str
+    public_key: str
+    proc: subprocess.Popen
+    state_dir: Path
+    key_dir: Path
+    log: Path
+    args: tuple[str, ...] = ()
+
+    def request(self, keys: Keys, header: dict[str, Any], frames: Sequence[bytes] = (),
+                timeout_s: float = 10.0) -> dict[str, Any]:
+        return control_request(self.endpoint, header, frames, auth=auth_for(keys.workstation, self.public_key),
+                               timeout_s=timeout_s)
+
+    def status(self, keys: Keys) -> dict[str, Any]:
+        return self.request(keys, {"cmd": "status"})
+
+    def stages(self, keys: Keys) -> dict[str, dict[str, Any]]:
+        return {s["id"]: s for s in self.status(keys)["stages"]}
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+def make_keys(root: Path) -> Keys:
+    ws, _, ws_file = generate_keypair(root / "workstation", "workstation")
+    client, _, client_file = generate_keypair(root / "client", "client")
+    return Keys(ws, ws_file, client, client_file, root)
+
+
+def start_daemon(keys: Keys, root: Path, name: str, *extra: str, authorized: str | None = None,
+                 state_dir: Path | None = None, key_dir: Path | None = None, listen: str = "tcp://127.0.0.1:0",
+                 timeout_s: float = 60.0) -> Daemon:
+    """A daemon named ``name`` (its own device key unless ``key_dir`` reuses one) that authorises the
+    tests' workstation key."""
+    key_dir = key_dir or root / f"{name}-keys"
+    if not (key_dir / "device.key_secret").exists():
+        generate_keypair(key_dir, "device")
+        (key_dir / "authorized_keys").write_text((authorized or keys.workstation.public_text) + " workstation\n")
+    state_dir = state_dir or root / f"{name}-state"
+    ready = root / f"{name}-ready.json"
+    ready.unlink(missing_ok=True)
+    log = root / f"{name}.log"
+    args = ("--device", name, "--listen", listen, "--state-dir", str(state_dir), "--ready-file", str(ready),
+            "--data-ports", "auto", "--data-bind", "127.0.0.1", "--drain-timeout-s", "5", *extra)
+    with open(log, "a") as fh:
+        proc = subprocess.Popen([str(BIN / "edgepipe-agent"), "daemon", *args], stdout=fh, stderr=subprocess.STDOUT,
+                                env={**os.environ, "EDGEPIPE_KEYS": str(key_dir)}, start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    while not ready.exists():
+        if proc.poll() is not None:
+            raise RuntimeError(f"daemon {name} exited with {proc.returncode}: {log.read_text()[-2000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"daemon {name} not ready: {log.read_text()[-2000:]}")
+        time.sleep(0.05)
+    info = json.loads(ready.read_text())
+    return Daemon(name, info["listen"], info["public_key"] or "", proc, state_dir, key_dir, log, args)
+
+
+def stop_daemon(daemon: Daemon, timeout_s: float = 30.0) -> int | None:
+    if daemon.proc.poll() is None:
+        daemon.proc.send_signal(signal.SIGTERM)
+        try:
+            daemon.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            daemon.proc.kill()
+            daemon.proc.wait()
+    return daemon.proc.returncode
+
+
+def dead_endpoint() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def write_cluster(path: Path, daemons: Sequence[Daemon], keys: Keys, *, extra: dict[str, str] | None = None) -> Path:
+    """The cluster file: one type, every daemon a device with its control endpoint and public key;
+    ``extra`` adds devices by name -> control endpoint (with a made-up key)."""
+    from edgepipe.agent.formats.keys import new_keypair
+
+    text = (f'[cluster]\nname = "fleet-test"\nworkstation_key = "{keys.workstation.public_text}"\n'
+            f'clients = ["{keys.client.public_text}"]\n\n'
+            '[[type]]\nname = "cpu"\ngflops = 50.0\n')
+    rows = [(d.name, d.endpoint, d.public_key) for d in daemons]
+    rows += [(n, e, new_keypair().public_text) for n, e in (extra or {}).items()]
+    for name, endpoint, key in rows:
+        text += (f'\n[[device]]\nname = "{name}"\ntype = "cpu"\nmemory = "2 GiB"\nbandwidth = "1 Gbps"\n'
+                 f'control = "{endpoint}"\npublic_key = "{key}"\n')
+    path.write_text(text)
+    return path
+
+
+def copy_build(src: Path, dst: Path) -> Path:
+    """A build directory of its own (stage bundles and compile.json) that a test may deploy and change."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for stage in sorted(src.glob("stage-*")):
+        target = dst / stage.name
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(stage, target)
+    return dst
+
+
+def fleet(*args: str, keys: Keys | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    cmd = [str(BIN / "edgepipe-fleet"), *args]
+    if keys is not None:
+        cmd += ["--key", str(keys.workstation_file)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "COLUMNS": "200"})
+
+
+def cli_compile(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "edgepipe-compile"), *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "COLUMNS": "200"})
+
+
+def fleet_json(*args: str, keys: Keys) -> dict[str, Any]:
+    result = fleet(*args, "--json", keys=keys)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def whole_model(model_path: Path, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def run_requests(endpoints_path: Path, batches: Sequence[np.ndarray], timeout_s: float = 60.0) -> list[np.ndarray]:
+    """Every batch through the deployment named by an endpoints file; outputs in order."""
+    from edgepipe.agent.client import Client
+    from edgepipe.agent.formats.endpoints import load_endpoints
+
+    ep = load_endpoints(endpoints_path)
+    name = ep.inputs[0].name
+    with Client(ep.entry[0].endpoint, ep.exit[0].endpoint, timeout_s=timeout_s) as client:
+        return [out[ep.outputs[0].name] for out in client.map({name: b} for b in batches)]
+
+
+def wait_until(predicate, timeout_s: float = 60.0, interval_s: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return bool(predicate())
