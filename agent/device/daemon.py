@@ -702,9 +702,10 @@ class _SlowWorker:
         self.thread.start()
 
     def submit(self, route: zmq.Frame, role: str, asker: str | None, header: dict[str, Any], raw: list[bytes]) -> bool:
-        if header["cmd"] == "prepare":
+        stages = header.get("stages")
+        if header["cmd"] == "prepare" and isinstance(stages, list):
             try:
-                refs = [StageBundleRef.from_dict(s) for s in header.get("stages") or []]
+                refs = [StageBundleRef.from_dict(s) for s in stages]
                 self.daemon.preparing = frozenset(h for r in refs for h in r.all_hashes)
             except BadRequest:
                 pass  # the handler will say so
@@ -747,23 +748,31 @@ def _answer_loop(daemon: DeviceDaemon, sock: zmq.Socket, ctx: zmq.Context, worke
         if not poller.poll(50):
             continue
         frames = recv_frames(sock, MAX_FILES + 3)
-        error = _envelope_error(frames)
-        if error:
-            _send_reply(sock, frames[0], error)
-            continue
-        asker = peer_key(frames[2])
-        role = daemon.role_of(asker)
         try:
-            header, raw = parse_request(frames[2:])
-        except BadRequest as exc:
-            _send_reply(sock, frames[0], [_error(None, str(exc))])
-            continue
-        if header["cmd"] in SLOW_COMMANDS and role == OPERATOR:
-            if not worker.submit(frames[0], role, asker, header, raw):
-                _send_reply(sock, frames[0], [_error(header.get("id"), "busy: too many slow requests queued; "
-                                                     "try again")])
-            continue
-        _send_reply(sock, frames[0], [_dispatch(daemon, ctx, role, asker, header, raw)])
+            _answer_one(daemon, sock, ctx, worker, frames)
+        except Exception:  # a gap in validation costs one request, never the daemon
+            log.exception("request not handled")
+            _send_reply(sock, frames[0], [_error(None, "internal error (logged on the device)")])
+
+
+def _answer_one(daemon: DeviceDaemon, sock: zmq.Socket, ctx: zmq.Context, worker: _SlowWorker,
+                frames: list[zmq.Frame]) -> None:
+    error = _envelope_error(frames)
+    if error:
+        _send_reply(sock, frames[0], error)
+        return
+    asker = peer_key(frames[2])
+    role = daemon.role_of(asker)
+    try:
+        header, raw = parse_request(frames[2:])
+    except BadRequest as exc:
+        _send_reply(sock, frames[0], [_error(None, str(exc))])
+        return
+    if header["cmd"] in SLOW_COMMANDS and role == OPERATOR:
+        if not worker.submit(frames[0], role, asker, header, raw):
+            _send_reply(sock, frames[0], [_error(header.get("id"), "busy: too many slow requests queued; try again")])
+        return
+    _send_reply(sock, frames[0], [_dispatch(daemon, ctx, role, asker, header, raw)])
 
 
 def _dispatch(daemon: DeviceDaemon, ctx: zmq.Context, role: str, asker: str | None, header: dict[str, Any],

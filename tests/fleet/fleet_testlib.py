@@ -43,7 +43,7 @@ class Daemon:
     state_dir: Path
     key_dir: Path
     log: Path
-    args: tuple[str, ...] = ()
+    extra: tuple[str, ...] = ()  # the daemon options the test added
 
     def request(self, keys: Keys, header: dict[str, Any], frames: Sequence[bytes] = (),
                 timeout_s: float = 10.0) -> dict[str, Any]:
@@ -81,6 +81,7 @@ def start_daemon(keys: Keys, root: Path, name: str, *extra: str, authorized: str
     log = root / f"{name}.log"
     args = ("--device", name, "--listen", listen, "--state-dir", str(state_dir), "--ready-file", str(ready),
             "--data-ports", "auto", "--data-bind", "127.0.0.1", "--drain-timeout-s", "5", *extra)
+    extra = tuple(extra)
     with open(log, "a") as fh:
         proc = subprocess.Popen([str(BIN / "edgepipe-agent"), "daemon", *args], stdout=fh, stderr=subprocess.STDOUT,
                                 env={**os.environ, "EDGEPIPE_KEYS": str(key_dir)}, start_new_session=True)
@@ -93,7 +94,7 @@ def start_daemon(keys: Keys, root: Path, name: str, *extra: str, authorized: str
             raise RuntimeError(f"daemon {name} not ready: {log.read_text()[-2000:]}")
         time.sleep(0.05)
     info = json.loads(ready.read_text())
-    return Daemon(name, info["listen"], info["public_key"] or "", proc, state_dir, key_dir, log, args)
+    return Daemon(name, info["listen"], info["public_key"] or "", proc, state_dir, key_dir, log, extra)
 
 
 def stop_daemon(daemon: Daemon, timeout_s: float = 30.0) -> int | None:
