@@ -67,6 +67,11 @@ class ControlConnection:
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
 
+    @property
+    def socket(self) -> zmq.Socket:
+        """For a caller's own poller (a supervisor watching many daemons); do not send on it."""
+        return self._sock
+
     def close(self) -> None:
         self._sock.close(0)
         if self._own:

@@ -90,9 +90,10 @@ def deploy_cmd(
     watch: Annotated[bool, typer.Option("--watch", help="Then keep supervising (see `supervise`).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Send each device its stage bundle (only files it lacks), wire the stages, start them last to first,
-    wait until all are ready, and write endpoints.json for `edgepipe-submit --endpoints` and
-    `Client.from_endpoints`.
+    """Deploy a build: send the bundles, wire and start the stages, write endpoints.json.
+
+    Each device gets only the files it lacks; stages start last to first; when all are ready,
+    endpoints.json is written for `edgepipe-submit --endpoints` and `Client.from_endpoints`.
 
     Run it again after a new plan or compile: only changed stages are sent and restarted; the others
     are kept or rewired. A failed attempt is rolled back on every device it touched.
@@ -186,8 +187,9 @@ def status_cmd(
     insecure: InsecureOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Every device and stage of the deployment: state, requests done, throughput, queue depth, last
-    heartbeat, restarts, errors. Exit code 1 if a stage is not ready or a device is unreachable.
+    """Show every device and stage: state, requests, throughput, queue, heartbeat, errors.
+
+    Exit code 1 if a stage is not ready or a device is unreachable.
 
     Example: edgepipe-fleet status build/vitb --json
     """
@@ -267,8 +269,10 @@ def stop_cmd(
                                              "to drain.")] = 60.0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Stop the deployment: stage by stage from the first to the last, each sending on its in-flight work
-    before it exits; the devices forget the deployment and endpoints.json is removed.
+    """Stop the deployment, draining each stage into the next, first to last.
+
+    Each stage sends on its in-flight work before it exits; the devices forget the deployment
+    and endpoints.json is removed.
 
     Example: edgepipe-fleet stop build/vitb
     """
@@ -287,6 +291,110 @@ def stop_cmd(
                       + (f"; unreachable: {'; '.join(outcome.unreachable.values())}" if outcome.unreachable else ""))
     if outcome.unreachable:
         raise typer.Exit(1)
+
+
+# -- supervise and standby -----------------------------------------------------------------------------
+
+@app.command("supervise")
+def supervise_cmd(
+    build_dir: Annotated[Path, typer.Argument(help="The deployed build directory.")],
+    cluster: ClusterOpt = None,
+    key: KeyOpt = None,
+    insecure: InsecureOpt = False,
+    standby: Annotated[bool, typer.Option("--standby/--no-standby", help="Make and pre-send the bundles for "
+                                          "every single-device loss (in the background).")] = True,
+    verify_standby: Annotated[bool, typer.Option("--verify-standby/--no-verify-standby", help="Check standby "
+                                                 "bundles against the whole model, as compile does.")] = True,
+    take_back: Annotated[bool, typer.Option("--take-back/--no-take-back", help="When a lost device answers "
+                                            "again, go back to the plan that uses it.")] = True,
+    loss_s: Annotated[float, typer.Option("--loss-s", help="Silence after which a device is lost.")] = 1.5,
+    take_back_after_s: Annotated[float, typer.Option("--take-back-after-s", help="How long a returned device "
+                                                     "must answer before it is taken back.")] = 5.0,
+    threads: Annotated[int, typer.Option("--threads", min=1, help="ONNX Runtime threads per stage.")] = 1,
+    max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Largest microbatch accepted.")] = 256,
+    events: Annotated[Path | None, typer.Option("--events", help="Append every event as a JSON line here.")] = None,
+) -> None:
+    """Keep the deployment running: fail over when a device is lost, take it back when it returns.
+
+    Heartbeats every device; when one is silent for --loss-s, re-plans without it (from
+    BUILD/problem.json), redeploys only what changed and bumps the generation (clients follow it
+    through endpoints.json or a daemon's route answer). Runs until Ctrl-C.
+
+    Examples:
+
+      edgepipe-fleet supervise build/vitb
+
+      edgepipe-fleet supervise build/vitb --events build/vitb/events.jsonl --no-take-back
+    """
+    from edgepipe.compiler.fleet.standby import StandbyError
+    from edgepipe.compiler.fleet.supervise import SuperviseError, SuperviseOptions, supervise
+
+    def work() -> None:
+        _, fleet = _deployed(build_dir, cluster, key, insecure)
+        options = SuperviseOptions(cluster=cluster, standby=standby, verify_standby=verify_standby,
+                                   take_back=take_back, loss_s=loss_s, take_back_after_s=take_back_after_s,
+                                   threads=threads, max_batch=max_batch, events=events)
+        try:
+            supervise(build_dir, fleet, options, log=lambda line: err.print(line, highlight=False, soft_wrap=True))
+        except (SuperviseError, StandbyError) as exc:
+            raise BadInput(str(exc)) from None
+
+    try:
+        _run(work)
+    except KeyboardInterrupt:
+        err.print("supervision stopped (the deployment keeps running)")
+
+
+@app.command("standby")
+def standby_cmd(
+    build_dir: Annotated[Path, typer.Argument(help="The deployed build directory.")],
+    cluster: ClusterOpt = None,
+    key: KeyOpt = None,
+    insecure: InsecureOpt = False,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check the bundles against the whole "
+                                         "model.")] = True,
+    as_json: JsonOpt = False,
+) -> None:
+    """Make and pre-send the standby bundles for every single-device loss, then exit.
+
+    This is what `supervise` does in the background; run it first to have failover ready at once.
+
+    Example: edgepipe-fleet standby build/vitb
+    """
+    from edgepipe.compiler.fleet.standby import StandbyError, load_standby, make_standby, presend, write_ready
+
+    def work() -> dict[str, Any]:
+        _, fleet = _deployed(build_dir, cluster, key, insecure)
+        original = load_build(build_dir, cluster_path=cluster, insecure=fleet.insecure)
+        rows, builds, made = [], [original], []
+        try:
+            for device in original.used_devices():
+                standby = make_standby(original, (device,), verify=verify,
+                                       log=lambda line: err.print(line, highlight=False))
+                made.append(standby)
+                builds.append(load_standby(build_dir, standby, cluster))
+                rows.append({"lost": device, "devices": list(standby.plan.devices),
+                             "cuts": [s.cut_in for s in standby.plan.stages[1:]],
+                             "throughput": standby.plan.throughput, "dir": str(standby.dir)})
+        except StandbyError as exc:
+            raise DeployError(str(exc)) from None
+        sent = presend(fleet, builds, log=lambda line: err.print(line, highlight=False))
+        write_ready(build_dir, made, sent)
+        return {"standby": rows, "sent": {d: {"sent": a, "cached": b} for d, (a, b) in sent.items()}}
+
+    doc = _run(work)
+    if as_json:
+        print(json.dumps(doc, indent=2))
+        return
+    table = Table(title="standby plans (one per single-device loss)")
+    for col in ("if lost", "runs on", "cuts", "samples/s (planned)"):
+        table.add_column(col)
+    for row in doc["standby"]:
+        table.add_row(row["lost"], ", ".join(row["devices"]), ", ".join(row["cuts"]) or "-",
+                      f"{row['throughput']:.1f}")
+    console.print(table)
+    console.print("pre-sent: " + ", ".join(f"{d} {_size(v['sent'])} (had {_size(v['cached'])})"
+                                            for d, v in doc["sent"].items()))
 
 
 def _size(n: int | None) -> str:

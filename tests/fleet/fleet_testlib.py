@@ -68,9 +68,11 @@ def make_keys(root: Path) -> Keys:
 
 def start_daemon(keys: Keys, root: Path, name: str, *extra: str, authorized: str | None = None,
                  state_dir: Path | None = None, key_dir: Path | None = None, listen: str = "tcp://127.0.0.1:0",
+                 data_bind: str = "127.0.0.1", data_ports: str = "auto", launcher=None,
                  timeout_s: float = 60.0) -> Daemon:
     """A daemon named ``name`` (its own device key unless ``key_dir`` reuses one) that authorises the
-    tests' workstation key."""
+    tests' workstation key. ``launcher(argv, **popen_kwargs)`` starts it somewhere else (a testbed
+    device); the key and state directories are reused when they exist (a restart)."""
     key_dir = key_dir or root / f"{name}-keys"
     if not (key_dir / "device.key_secret").exists():
         generate_keypair(key_dir, "device")
@@ -80,11 +82,12 @@ def start_daemon(keys: Keys, root: Path, name: str, *extra: str, authorized: str
     ready.unlink(missing_ok=True)
     log = root / f"{name}.log"
     args = ("--device", name, "--listen", listen, "--state-dir", str(state_dir), "--ready-file", str(ready),
-            "--data-ports", "auto", "--data-bind", "127.0.0.1", "--drain-timeout-s", "5", *extra)
+            "--data-ports", data_ports, "--data-bind", data_bind, "--drain-timeout-s", "5", *extra)
     extra = tuple(extra)
+    launcher = launcher or subprocess.Popen
     with open(log, "a") as fh:
-        proc = subprocess.Popen([str(BIN / "edgepipe-agent"), "daemon", *args], stdout=fh, stderr=subprocess.STDOUT,
-                                env={**os.environ, "EDGEPIPE_KEYS": str(key_dir)}, start_new_session=True)
+        proc = launcher([str(BIN / "edgepipe-agent"), "daemon", *args], stdout=fh, stderr=subprocess.STDOUT,
+                        env={**os.environ, "EDGEPIPE_KEYS": str(key_dir)}, start_new_session=True)
     deadline = time.monotonic() + timeout_s
     while not ready.exists():
         if proc.poll() is not None:
@@ -95,6 +98,13 @@ def start_daemon(keys: Keys, root: Path, name: str, *extra: str, authorized: str
         time.sleep(0.05)
     info = json.loads(ready.read_text())
     return Daemon(name, info["listen"], info["public_key"] or "", proc, state_dir, key_dir, log, extra)
+
+
+def start_daemon_in(bed, keys: Keys, root: Path, name: str, *extra: str) -> Daemon:
+    """A daemon inside testbed device ``name``, listening on its address, stages on ports 5550-5599."""
+    return start_daemon(keys, root, name, *extra, listen=bed.endpoint(name, 5560), data_bind="*",
+                        data_ports="5550-5599", state_dir=root / f"{name}-state", key_dir=root / f"{name}-keys",
+                        launcher=lambda argv, **kw: bed.run_in(name, argv, **kw))
 
 
 def stop_daemon(daemon: Daemon, timeout_s: float = 30.0) -> int | None:
@@ -185,3 +195,83 @@ def wait_until(predicate, timeout_s: float = 60.0, interval_s: float = 0.1) -> b
             return True
         time.sleep(interval_s)
     return bool(predicate())
+
+
+# -- failover -------------------------------------------------------------------------------------
+
+def start_supervisor(build: Path, keys: Keys, events: Path, *extra: str) -> subprocess.Popen:
+    """`edgepipe-fleet supervise BUILD --events FILE` as a process of its own."""
+    log = open(build / "supervise.log", "a")  # noqa: SIM115 - kept open for the process
+    return subprocess.Popen([str(BIN / "edgepipe-fleet"), "supervise", str(build), "--key", str(keys.workstation_file),
+                             "--events", str(events), *extra], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def stop_supervisor(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def events_of(path: Path) -> list[dict[str, Any]]:
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
+def wait_event(path: Path, event: str, proc: subprocess.Popen, timeout_s: float = 300.0, after: float = 0.0,
+               ) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = [e for e in events_of(path) if e["event"] == event and e["t"] >= after]
+        if found:
+            return found[0]
+        if proc.poll() is not None:
+            raise RuntimeError(f"supervisor exited ({proc.returncode}) before {event!r}")
+        time.sleep(0.1)
+    raise TimeoutError(f"no {event!r} event in {timeout_s:g} s: {[e['event'] for e in events_of(path)]}")
+
+
+def failover_and_take_back(build: Path, keys: Keys, model_path: Path, victim: str, kill, restart,
+                           batches: int = 24, tolerance: float = 1e-4) -> dict[str, Any]:
+    """Supervise ``build``; once standby bundles are ready, send ``batches`` requests and lose the
+    device ``victim`` (``kill()``) after the 5th result; every request must get exactly one result
+    equal to the whole model's; then bring it back (``restart()``) and check it is taken back.
+    Returns the timings and events."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+    from follow import follow
+
+    events = build / "events.jsonl"
+    supervisor = start_supervisor(build, keys, events, "--take-back-after-s", "2")
+    try:
+        wait_event(events, "standby_ready", supervisor)
+        rng = np.random.default_rng(7)
+        inputs = [rng.standard_normal((2, 3, 224, 224), dtype=np.float32) for _ in range(batches)]
+        killed: dict[str, float] = {}
+
+        def on_result(index: int, _generation: int) -> None:
+            if len(killed) == 0 and index >= 4:
+                killed["t"] = time.time()
+                kill()
+
+        run = follow(build / "endpoints.json", inputs, keys.client, window=2, pace_s=0.05, on_result=on_result)
+        assert sorted(run.outputs) == list(range(batches))  # every request answered, once
+        for i, x in enumerate(inputs):
+            np.testing.assert_allclose(run.outputs[i], whole_model(model_path, x), atol=tolerance)
+        lost = wait_event(events, "lost", supervisor)
+        failover = wait_event(events, "failover", supervisor)
+        after = [t for t, _, g in run.arrivals if g > 1]
+        restart()
+        taken = wait_event(events, "taken_back", supervisor, after=failover["t"])
+        again = follow(build / "endpoints.json", inputs[:4], keys.client, window=2)
+        for i, x in enumerate(inputs[:4]):
+            np.testing.assert_allclose(again.outputs[i], whole_model(model_path, x), atol=tolerance)
+        return {"killed": killed["t"], "lost": lost, "failover": failover, "taken_back": taken,
+                "first_new_result": min(after) if after else None, "run": run, "again": again}
+    finally:
+        stop_supervisor(supervisor)

@@ -142,8 +142,8 @@ def test_control_socket_fuzz_every_message_answered_daemon_alive(daemons, keys) 
     (or a normal one); nothing stops the daemon or leaves it unresponsive."""
     d = daemons("d0")
     rng = random.Random(11)
-    values = [None, True, -1, 0, 2**63, -(2**63), 1.5, "", "x" * 300, "../../etc", [], [1, "a"], {}, {"a": 1}, b"\x00" * 3,
-              "tcp://127.0.0.1:1", "0" * 64]
+    values = [None, True, -1, 0, 2**63, -(2**63), 1.5, "", "x" * 300, "../../etc", [], [1, "a"], {}, {"a": 1},
+              b"\x00" * 3, "tcp://127.0.0.1:1", "0" * 64]
     fields = ["v", "cmd", "id", "files", "sha256", "size", "offset", "deployment", "generation", "stages", "peer",
               "peer_key", "bytes", "count", "seconds", "drain", "release", "endpoints", "stage", "lines", "keys",
               "microbatches", "replace", "clients", "peers"]
