@@ -113,3 +113,25 @@ def test_help_teaches_each_command() -> None:
     for command in ("deploy", "status", "stop", "supervise"):
         result = fleet(command, "--help")
         assert result.returncode == 0 and "Example" in result.stdout, command
+
+
+def test_deploy_status_stop_need_no_torch_or_onnx(daemons, keys, build_a, tmp_path: Path) -> None:
+    """The fleet commands import neither torch nor onnx: a workstation with the base install and
+    the planner can operate a fleet (only standby slicing needs the compiler's ONNX tools)."""
+    import os
+    import subprocess
+
+    from fleet_testlib import BIN
+
+    shadow = tmp_path / "blocked"
+    shadow.mkdir()
+    for mod in ("torch", "onnx", "onnxscript", "onnx_ir", "timm", "torchvision"):
+        (shadow / f"{mod}.py").write_text(f"raise ImportError('{mod} is blocked in this test')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(shadow), os.environ.get("PYTHONPATH")]))}
+    d = [daemons(f"d{i}") for i in range(3)]
+    build = copy_build(build_a, tmp_path / "build")
+    write_cluster(build / "cluster.toml", d, keys)
+    for args in (("deploy", str(build), "--devices", "d0,d1,d2"), ("status", str(build)), ("stop", str(build))):
+        result = subprocess.run([str(BIN / "edgepipe-fleet"), *args, "--key", str(keys.workstation_file)],
+                                capture_output=True, text=True, env=env, timeout=300)
+        assert result.returncode == 0, (args, result.stderr)
