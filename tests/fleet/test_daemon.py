@@ -220,7 +220,8 @@ def test_a_hung_stage_is_killed_and_restarted(daemons, keys, build_a, tmp_path) 
     os.kill(before["pid"], signal.SIGSTOP)  # a stalled device: the process exists and does nothing
     try:
         assert wait_until(lambda: d[2].stages(keys)["stage-2"]["hangs"] == 1, 30)
-        assert wait_until(lambda: d[2].stages(keys)["stage-2"]["state"] == "ready", 60)
+        assert wait_until(lambda: d[2].stages(keys)["stage-2"]["state"] == "ready"
+                          and d[2].stages(keys)["stage-2"]["pid"] != before["pid"], 60)
         after = d[2].stages(keys)["stage-2"]
         assert after["pid"] != before["pid"] and "hung" in after["last_exit"]
     finally:
