@@ -124,7 +124,7 @@ def deploy_cmd(
             from edgepipe.compiler.fleet.supervise import SuperviseOptions, supervise
 
             supervise(build_dir, fleet, SuperviseOptions(cluster=cluster, threads=threads, max_batch=max_batch),
-                      log=lambda line: err.print(line, highlight=False))
+                      log=lambda line: err.print(line, highlight=False, soft_wrap=True))
 
     _run(work)
 
@@ -370,7 +370,7 @@ def standby_cmd(
         try:
             for device in original.used_devices():
                 standby = make_standby(original, (device,), verify=verify,
-                                       log=lambda line: err.print(line, highlight=False))
+                                       log=lambda line: err.print(line, highlight=False, soft_wrap=True))
                 made.append(standby)
                 builds.append(load_standby(build_dir, standby, cluster))
                 rows.append({"lost": device, "devices": list(standby.plan.devices),
