@@ -580,6 +580,7 @@ class DeviceDaemon:
         self._save_state()
         if release:
             self._forget_unused_bundles()
+            self.store.drop_partial()  # unfinished uploads of a deployment that is over
         return {"stopping": stopping, "released": release}
 
     def _cmd_revert(self, header: dict[str, Any], raw: list[bytes]) -> dict[str, Any]:

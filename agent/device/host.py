@@ -21,7 +21,6 @@ The one place a ``serve`` command line is built is ``stage_command``.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import queue
@@ -433,13 +432,6 @@ class StageHost:
 
     def _log_path(self, instance_id: str) -> Path:
         return self.run_dir / "logs" / f"{instance_id}.log"
-
-
-def ready_info(run_dir: Path, instance_id: str) -> dict[str, Any] | None:
-    try:
-        return json.loads((Path(run_dir) / "ready" / f"{instance_id}.json").read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _check_manifest(launch: StageLaunch) -> None:
