@@ -231,7 +231,8 @@ def default_state_dir() -> Path:
 
 def daemon_cmd(
     listen: str = typer.Option("tcp://*:5560", "--listen", help="Bind address of the control endpoint."),
-    device: str | None = typer.Option(None, "--device", help="This device's name in the cluster file [host name]."),
+    device: str | None = typer.Option(None, "--device",
+                                      help="This device's name in the cluster file (default: the host name)."),
     state_dir: Path | None = typer.Option(None, "--state-dir", help="Bundle store, stage logs and deployment "
                                           "state [$EDGEPIPE_STATE, /var/lib/edgepipe as root, else "
                                           "~/.local/state/edgepipe]."),
@@ -333,7 +334,7 @@ def unit_cmd(
     keys: Path = typer.Option(Path("/etc/edgepipe/keys"), "--keys", help="Key directory (device.key_secret, "
                               "authorized_keys)."),
     listen: str = typer.Option("tcp://*:5560", "--listen", help="The daemon's --listen."),
-    device: str = typer.Option("%H", "--device", help="The device's name in the cluster file [%H: host name]."),
+    device: str = typer.Option("%H", "--device", help="The device's name in the cluster file (%H: the host name)."),
     install: bool = typer.Option(False, "--install", help="Write /etc/systemd/system/edgepipe-agent.service "
                                  "(needs root) instead of printing it."),
 ) -> None:
