@@ -14,12 +14,16 @@ PYTEST_ARGS ?=
 
 venv: $(STAMP)
 
+# pip's and setuptools' chatter goes to a log, shown only if the install fails.
 $(STAMP):
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[compile,dev]'
+	@echo "Installing EdgePipe into $(VENV) (first time about 3 minutes: PyTorch is large; log: $(VENV)/install.log)"
+	@$(PY) -m pip install --upgrade pip > $(VENV)/install.log 2>&1 \
+		&& $(PY) -m pip install -e '.[compile,dev]' >> $(VENV)/install.log 2>&1 \
+		|| { tail -n 40 $(VENV)/install.log; echo "install failed; full log: $(VENV)/install.log"; exit 1; }
 	@rm -f $(VENV)/.installed-*
 	@touch $@
+	@echo "Installed."
 
 demo: $(STAMP)
 	$(PY) tools/demo.py --model $(MODEL) --stages $(STAGES)
@@ -34,6 +38,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	@mkdir -p build
 	$(PY) tools/bench_compile.py --json > build/bench-compile.json
+	$(PY) tools/bench_models.py --json build/bench-models.json --markdown build/bench-models.md
 	$(PY) tools/bench_runtime.py --json build/bench-runtime.json
 	$(PY) tools/bench_planner.py --json build/bench-planner.json
 	$(PY) tools/bench_testbed.py --json build/bench-testbed.json

@@ -4,11 +4,13 @@
 
 Cuts come from, in order of precedence: an explicit list (``cuts``), a plan file, a cluster file
 (the planner chooses devices and cuts), or ``stages`` (N stages balanced by estimated FLOPs over
-the model's natural boundaries).
+the model's natural boundaries). Whatever chose them, the result says how evenly the stages share
+the work and warns, with the reason, about a stage far off its share (compiler/balance.py).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import onnx_ir as ir
-from edgepipe.compiler.cuts import Cut, CutError, find_cuts, natural_cuts, resolve_cuts
+from edgepipe.compiler.balance import Balance, check_balance
+from edgepipe.compiler.cuts import Cut, CutError, chain_cuts, find_cuts, natural_cuts, resolve_cuts
 from edgepipe.compiler.export import DEFAULT_OPSET, export_model, sha256_files
-from edgepipe.compiler.graph import GraphIndex, index_graph
+from edgepipe.compiler.graph import GraphIndex, index_graph, input_values_from_graph, tidy_shapes
 from edgepipe.compiler.segments import balanced_partition, model_spec
 from edgepipe.compiler.slicing import ModelIdentity, slice_model
 from edgepipe.compiler.verify import DEFAULT_TOLERANCE, Verification, VerificationError, verify_chain
@@ -43,6 +46,13 @@ class LoadedModel:
     index: GraphIndex
     natural_pattern: str | None
     export_cached: bool
+    source: str = "export"  # "export" (a registry model, exported or from the cache) or "onnx" (--onnx FILE)
+    exporter: str | None = None  # which exporter made it (None: an ONNX file from elsewhere)
+
+    @property
+    def fixed_batch(self) -> int | None:
+        """The batch size the model is fixed to (exported without a batch axis), else None."""
+        return self.index.batch_dim if isinstance(self.index.batch_dim, int) else None
 
 
 @dataclass(frozen=True)
@@ -57,6 +67,10 @@ class CompileResult:
     export_cached: bool
     plan: Any = None  # edgepipe.planner.plan.Plan when a cluster or plan chose the cuts
     stage_rows: list[dict[str, Any]] = field(default_factory=list)
+    balance: Balance | None = None
+    source: str = "export"
+    exporter: str | None = None
+    fixed_batch: int | None = None
 
 
 def load_model(
@@ -67,32 +81,38 @@ def load_model(
     progress: Progress | None = None,
 ) -> LoadedModel:
     """Export a registry model (cached) or open an ONNX file; weights stay memory-mapped."""
-    if (model is None) == (onnx is None):
+    if model is None and onnx is None:
+        raise CompileError("give a model name (see --list-models) or --onnx FILE")
+    if model is not None and onnx is not None:
         raise CompileError("give either a model name or --onnx FILE, not both")
     if onnx is not None:
+        if checkpoint is not None:
+            raise CompileError("--checkpoint loads weights into a registry model; an ONNX file has its own")
         path = Path(onnx)
         if not path.is_file():
             raise CompileError(f"ONNX file {path} does not exist")
-        loaded = _load_ir(path)
-        loaded = _with_shapes(loaded, path)
-        identity = ModelIdentity(path.stem, sha256_files(_model_files(path, loaded)), {"source": "onnx"})
-        return LoadedModel(loaded, path, identity, index_graph(loaded.graph), None, False)
+        loaded = _with_shapes(_load_ir(path), path)
+        tidy_shapes(loaded.graph)  # exporters leave constant dimension expressions like (32*n)//n
+        identity = ModelIdentity(path.stem, sha256_files(_model_files(path, loaded)), {"source": "onnx"},
+                                 input_values_from_graph(loaded.graph))
+        return LoadedModel(loaded, path, identity, index_graph(loaded.graph), None, False, source="onnx")
 
     entry = get_model(model)  # type: ignore[arg-type]
     if progress:
         progress(f"exporting {entry.name}", 0.0)
     exported = export_model(entry, checkpoint=checkpoint, opset=opset)
-    loaded = _load_ir(exported.path)
-    identity = ModelIdentity(entry.name, exported.model_sha256, exported.settings)
+    loaded = _load_ir(exported.path)  # tidied when exported
+    identity = ModelIdentity(entry.name, exported.model_sha256, exported.settings, entry.input_values)
     return LoadedModel(loaded, exported.path, identity, index_graph(loaded.graph), entry.natural_cuts,
-                       exported.cached)
+                       exported.cached, source="export", exporter=exported.settings["exporter"])
 
 
 def _load_ir(path: Path) -> ir.Model:
     try:
-        return ir.load(path)
+        model = ir.load(path)
     except Exception as exc:
         raise CompileError(f"{path}: not a readable ONNX model: {exc}") from exc
+    return model
 
 
 def _model_files(path: Path, model: ir.Model) -> list[Path]:
@@ -129,19 +149,30 @@ def spec_for(loaded: LoadedModel, cuts: list[Cut]) -> ModelSpec:
 
 
 def balanced_cuts(loaded: LoadedModel, stages: int, candidates: list[Cut]) -> list[Cut]:
-    """N stages with FLOPs as even as the natural boundaries (block inputs) allow; finer candidate
-    cuts (block halves) are used when N is larger than the number of blocks."""
-    pool = natural_cuts(candidates, loaded.natural_pattern)
-    if stages - 1 > len(pool):
-        pool = candidates
-    if stages - 1 > len(pool):
-        raise CompileError(f"asked for {stages} stages but the model has only {len(pool)} cut points "
+    """N stages with FLOPs as even as the natural boundaries (block inputs) allow; all candidate
+    cuts (block halves, stems, heads) are used when they split more evenly, e.g. when N is close to
+    the number of blocks."""
+    if stages < 1:
+        raise CompileError(f"--stages must be at least 1, got {stages}")
+    if stages - 1 > len(candidates):
+        raise CompileError(f"asked for {stages} stages but the model has only {len(candidates)} cut points "
                            f"(try --max-tensors 2 for sub-block cuts)")
     if stages == 1:
         return []
-    spec = spec_for(loaded, pool)
-    starts = balanced_partition([s.flops for s in spec.segments], stages)
-    return [pool[i - 1] for i in starts]
+    best: tuple[float, list[Cut]] | None = None
+    pools = [natural_cuts(candidates, loaded.natural_pattern), candidates]
+    for pool in pools:
+        if stages - 1 > len(pool):
+            continue
+        flops = [s.flops for s in spec_for(loaded, pool).segments]
+        starts = balanced_partition(flops, stages)
+        bounds = [0, *starts, len(flops)]
+        bottleneck = max(sum(flops[a:b]) for a, b in itertools.pairwise(bounds))
+        # The natural boundaries win unless the finer cuts shorten the slowest stage by over 10%.
+        if best is None or bottleneck < 0.9 * best[0]:
+            best = (bottleneck, [pool[i - 1] for i in starts])
+    assert best is not None
+    return best[1]
 
 
 def compile_model(
@@ -179,7 +210,9 @@ def compile_model(
             )
         chosen = resolve_cuts(loaded.index, candidates, labels)
     else:
-        chosen = balanced_cuts(loaded, stages or 1, candidates)
+        chosen = balanced_cuts(loaded, 1 if stages is None else stages, candidates)
+    chosen = chain_cuts(loaded.index, chosen)
+    balance = check_balance(loaded.index, chosen, max_tensors)
 
     total = len(chosen) + 1
 
@@ -189,12 +222,12 @@ def compile_model(
 
     if progress:
         progress("slicing", 0.0)
-    bundle_dirs = slice_model(loaded.model, chosen, out_dir, loaded.identity, on_stage=on_stage)
+    bundle_dirs = slice_model(loaded.model, chosen, out_dir, loaded.identity, on_stage=on_stage, index=loaded.index)
     verification = None
     if verify:
         if progress:
             progress("verifying chained stages against the whole model", 1.0)
-        verification = verify_chain(loaded.path, bundle_dirs, tolerance=tolerance)
+        verification = verify_chain(loaded.path, bundle_dirs, batch=loaded.fixed_batch or 2, tolerance=tolerance)
     result = CompileResult(
         model_id=loaded.identity.model_id,
         model_sha256=loaded.identity.model_sha256,
@@ -205,7 +238,11 @@ def compile_model(
         verification=verification,
         export_cached=loaded.export_cached,
         plan=plan,
-        stage_rows=stage_rows(bundle_dirs, plan),
+        stage_rows=stage_rows(bundle_dirs, plan, balance),
+        balance=balance,
+        source=loaded.source,
+        exporter=loaded.exporter,
+        fixed_batch=loaded.fixed_batch,
     )
     write_summary(result)
     if verification is not None and not verification.passed:
@@ -216,7 +253,7 @@ def compile_model(
     return result
 
 
-def stage_rows(bundle_dirs: list[Path], plan: Any = None) -> list[dict[str, Any]]:
+def stage_rows(bundle_dirs: list[Path], plan: Any = None, balance: Balance | None = None) -> list[dict[str, Any]]:
     """One summary row per stage; with a plan, the device each bundle is meant for."""
     from edgepipe.agent.formats.bundle import read_manifest
 
@@ -225,6 +262,8 @@ def stage_rows(bundle_dirs: list[Path], plan: Any = None) -> list[dict[str, Any]
         m = read_manifest(bundle_dir)
         out_bytes = [o.bytes_per_sample() for o in m.outputs]
         rows.append({
+            "gflop": balance.stage_flops[k] / 1e9 if balance is not None else None,
+            "forwarded_in": list(m.forwarded),
             "stage": m.stage_index,
             "dir": str(bundle_dir),
             "cut_in": m.cut_in,
@@ -245,9 +284,17 @@ def write_summary(result: CompileResult) -> Path:
         "model_id": result.model_id,
         "model_sha256": result.model_sha256,
         "model_path": str(result.model_path),
-        "cuts": [{"label": c.label, "tensors": list(c.tensors), "bytes_per_sample": c.bytes_per_sample}
-                 for c in result.cuts],
+        "source": result.source,
+        "exporter": result.exporter,
+        "fixed_batch": result.fixed_batch,
+        "cuts": [cut_summary(c) for c in result.cuts],
         "stages": result.stage_rows,
+        "balance": None if result.balance is None else {
+            "stage_gflop": [f / 1e9 for f in result.balance.stage_flops],
+            "worst_over_mean": result.balance.worst_ratio,
+            "least_over_mean": result.balance.least_ratio,
+            "warnings": list(result.balance.warnings),
+        },
         "verification": None if result.verification is None else {
             "max_abs_diff": result.verification.max_abs_diff,
             "tolerance": result.verification.tolerance,
@@ -258,6 +305,13 @@ def write_summary(result: CompileResult) -> Path:
     path = result.out_dir / COMPILE_SUMMARY
     path.write_text(json.dumps(summary, indent=2) + "\n")
     return path
+
+
+def cut_summary(cut: Cut) -> dict[str, Any]:
+    """A cut as compile.json and --list-cuts --json describe it."""
+    return {"label": cut.label, "position": cut.position, "tensors": list(cut.tensors),
+            "forwarded": list(cut.forwarded), "rebuilt": list(cut.rebuilt), "bytes_per_sample": cut.bytes_per_sample,
+            "rebuilt_bytes_per_sample": cut.rebuilt_bytes_per_sample}
 
 
 __all__ = ["CompileError", "CompileResult", "CutError", "VerificationError", "compile_model", "load_model"]

@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from edgepipe.agent.formats.bundle import BundleError
-from edgepipe.agent.formats.keys import KeyFileError
 from edgepipe.compiler.build import (
     CompileError,
     CompileResult,
     candidate_cuts,
     compile_model,
+    cut_summary,
     load_model,
     spec_for,
 )
-from edgepipe.compiler.cuts import Cut, CutError
+from edgepipe.compiler.cuts import Cut, CutError, describe_cut
 from edgepipe.compiler.export import DEFAULT_OPSET, ExportError
 from edgepipe.compiler.verify import DEFAULT_TOLERANCE, VerificationError
 from edgepipe.models.registry import REGISTRY, ModelError
@@ -26,44 +27,72 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, rich_markup_mode="rich", pretty_exceptions_enable=False)
-console = Console()
-err = Console(stderr=True)
 
-USER_ERRORS = (CompileError, CutError, ExportError, VerificationError, ModelError, BundleError, OSError,
-               KeyFileError)
+
+def console_for_output(stderr: bool = False) -> Console:
+    """A console for tables: the terminal's width on a terminal; when piped, wide enough that no
+    table is cut or folded (``| cat``, ``| less -S``, files). The planner helper publishes the same
+    helper as edgepipe.planner.tables_ui.console_for_output; use that one once both are merged."""
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr) if stream.isatty() else Console(stderr=stderr, width=1000, soft_wrap=True)
+
+
+console = console_for_output()
+err = console_for_output(stderr=True)
+
+# Bad input (exit 2): the user asked for something that does not exist or cannot be done.
+INPUT_ERRORS = (CompileError, CutError, ModelError, BundleError, ValueError)
+# Failures while doing what was asked (exit 1).
+RUN_ERRORS = (ExportError, VerificationError, OSError)
+FLAG = ""  # metavar for on/off flags: no "<bool>" column in --help
+
+
+def _show_help(ctx: typer.Context, value: bool) -> None:
+    if value:
+        typer.echo(ctx.get_help())
+        raise typer.Exit()
 
 
 @app.command(
+    context_settings={"help_option_names": []},
     epilog=(
         "Examples:\n\n"
         "  edgepipe-compile vit_base_patch16_224 -o build/vitb --stages 4\n\n"
+        "  edgepipe-compile bert_base -o build/bert --stages 4\n\n"
         "  edgepipe-compile vit_base_patch16_224 -o build/vitb --cuts blocks.4,blocks.8\n\n"
         "  edgepipe-compile vit_large_patch16_224 -o build/vitl --cluster cluster.toml\n\n"
-        "  edgepipe-compile --onnx model.onnx -o build/m --list-cuts --max-tensors 2"
+        "  edgepipe-compile --onnx model.onnx --list-cuts --max-tensors 2"
     )
 )
 def compile_command(
-    model: Annotated[str | None, typer.Argument(help="Registry model name (see --list-models).")] = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the stage bundles.")] = Path("build"),
+    model: Annotated[str | None, typer.Argument(metavar="MODEL", show_default=False,
+                                                help="Registry model name (see --list-models).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", show_default=False, help=(
+        "Directory for the stage bundles (required to compile; e.g. build/MODEL)."))] = None,
     onnx: Annotated[Path | None, typer.Option(help="Compile this ONNX file (external data beside it).")] = None,
     checkpoint: Annotated[Path | None, typer.Option(help="Local weights (.pth/.safetensors) to load.")] = None,
-    stages: Annotated[int | None, typer.Option(help="Split into N stages balanced by estimated FLOPs.")] = None,
+    stages: Annotated[int | None, typer.Option(help=(
+        "Split into N stages balanced by estimated FLOPs [1: the whole model in one bundle]."))] = None,
     cuts: Annotated[str | None, typer.Option(help="Comma-separated cut labels or tensor names.")] = None,
     cluster: Annotated[Path | None, typer.Option(help="Cluster TOML: the planner picks devices and cuts.")] = None,
     plan: Annotated[Path | None, typer.Option(help="Slice by an existing plan.json.")] = None,
     microbatch: Annotated[int, typer.Option(help="Microbatch size the plan is made for.")] = 8,
-    max_tensors: Annotated[int, typer.Option(help="Allow cuts carrying up to N tensors (2 = sub-block).")] = 1,
-    list_cuts: Annotated[bool, typer.Option("--list-cuts", help="Print the candidate cut table and stop.")] = False,
-    list_models: Annotated[bool, typer.Option("--list-models", help="Print the model registry and stop.")] = False,
+    max_tensors: Annotated[int, typer.Option(help=(
+        "Allow cuts sending up to N activation tensors (2 = sub-block; forwarded model inputs such as "
+        "attention masks are not counted, their bytes are)."))] = 1,
+    list_cuts: Annotated[bool, typer.Option("--list-cuts", metavar=FLAG, help=(
+        "Print where the model can be cut (a label means: cut in front of that module) and stop."))] = False,
+    list_models: Annotated[bool, typer.Option("--list-models", metavar=FLAG,
+                                              help="Print the model registry and stop.")] = False,
     problem_out: Annotated[Path | None, typer.Option(help="With --cluster: also write the planner problem.")] = None,
-    profile: Annotated[bool, typer.Option("--profile", help=(
+    profile: Annotated[bool, typer.Option("--profile", metavar=FLAG, help=(
         "With --cluster: profile every device through its control endpoint (edgepipe-agent control) "
         "and plan with the measured times."))] = False,
     profiles_dir: Annotated[Path | None, typer.Option(help=(
         "With --cluster: device profiles (<device>.json) to reuse or write [OUT/profiles]."))] = None,
     profile_threads: Annotated[int, typer.Option(min=1, help="With --profile: ONNX Runtime threads per device "
                                                   "(as the agents will serve).")] = 1,
-    probe_links: Annotated[bool, typer.Option("--probe-links", help=(
+    probe_links: Annotated[bool, typer.Option("--probe-links", metavar=FLAG, help=(
         "With --cluster: have the devices measure bandwidth and latency to each other."))] = False,
     profile_bundle: Annotated[Path | None, typer.Option(
         help="Write the profiling bundle (one piece per distinct segment) to this dir and stop.")] = None,
@@ -74,9 +103,12 @@ def compile_command(
         "With --profile/--probe-links: talk to daemons started with --insecure (plaintext, no "
         "authentication)."))] = False,
     opset: Annotated[int, typer.Option(help="ONNX opset for the export.")] = DEFAULT_OPSET,
-    verify: Annotated[bool, typer.Option(help="Check chained stages reproduce the whole model.")] = True,
+    verify: Annotated[bool, typer.Option(metavar=FLAG, help="Check chained stages reproduce the whole model.")] = True,
     tolerance: Annotated[float, typer.Option(help="Largest allowed |difference| when verifying.")] = DEFAULT_TOLERANCE,
-    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", metavar=FLAG,
+                                          help="Print machine-readable JSON instead of tables.")] = False,
+    _help: Annotated[bool, typer.Option("--help", metavar=FLAG, is_eager=True, callback=_show_help,
+                                        expose_value=False, help="Show this message and exit.")] = False,
 ) -> None:
     """Export a model to ONNX, find where it can be cut, and slice it into hash-checked stage bundles.
 
@@ -85,6 +117,8 @@ def compile_command(
     in ONNX Runtime and the compile fails if they differ beyond --tolerance.
     """
     try:
+        if max_tensors < 1:
+            raise CompileError(f"--max-tensors must be at least 1, got {max_tensors}")
         if list_models:
             _print_models(as_json)
             return
@@ -94,9 +128,19 @@ def compile_command(
         if profile_bundle is not None:
             _write_profile_bundle(model, onnx, checkpoint, opset, max_tensors, profile_bundle, as_json)
             return
+        if stages is not None and stages < 1:
+            raise CompileError(f"--stages must be at least 1, got {stages}")
         chosen = [c for c in cuts.split(",") if c.strip()] if cuts else None
         if sum(x is not None for x in (stages, chosen, cluster, plan)) > 1:
             raise CompileError("choose one of --stages, --cuts, --cluster, --plan")
+        if model is None and onnx is None:
+            raise CompileError("give a model name (see --list-models) or --onnx FILE")
+        if cluster is None and (profile or probe_links or profiles_dir is not None):
+            raise CompileError("--profile, --profiles-dir and --probe-links need --cluster")
+        if out is None:
+            name = model or (onnx.stem if onnx else "model")
+            raise CompileError(f"say where the bundles go: -o DIR (e.g. -o build/{name}); "
+                               f"--list-cuts shows where the model can be cut without writing anything")
         plan_obj = None
         if cluster is not None:
             plan_obj = _plan_for_cluster(model, onnx, checkpoint, opset, cluster, microbatch, max_tensors,
@@ -113,9 +157,12 @@ def compile_command(
             model, out, onnx=onnx, stages=stages, cuts=chosen, plan=plan_obj, checkpoint=checkpoint,
             opset=opset, max_tensors=max_tensors, verify=verify, tolerance=tolerance, quiet=as_json,
         )
-    except (*USER_ERRORS, ValueError) as exc:  # planner/cluster input errors are ValueErrors too
+    except RUN_ERRORS as exc:
         typer.echo(f"error: {exc}", err=True)  # one line, never wrapped
         raise typer.Exit(1) from None
+    except INPUT_ERRORS as exc:  # planner/cluster input errors are ValueErrors too
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     if as_json:
         print(json.dumps(json.loads((result.out_dir / "compile.json").read_text()), indent=2))
     else:
@@ -137,14 +184,17 @@ def _compile_with_progress(model, out, quiet: bool, **kwargs) -> CompileResult:
 
 def _print_models(as_json: bool) -> None:
     if as_json:
-        print(json.dumps([{"name": e.name, "family": e.family, "input_shape": e.input_shape,
+        print(json.dumps([{"name": e.name, "family": e.family, "source": e.source, "exporter": e.exporter,
+                           "inputs": [{"name": i.name, "shape": i.shape, "dtype": i.dtype, "values": i.values.kind}
+                                      for i in e.inputs],
                            "description": e.description} for e in REGISTRY.values()], indent=2))
         return
     table = Table(title="Models (random weights unless --checkpoint)")
-    for col in ("name", "family", "input", "description"):
+    for col in ("name", "family", "source", "exporter", "inputs", "description"):
         table.add_column(col)
     for e in REGISTRY.values():
-        table.add_row(e.name, e.family, "x".join(map(str, e.input_shape)), e.description)
+        inputs = ", ".join(f"{i.name} {'x'.join(map(str, i.shape))}" for i in e.inputs)
+        table.add_row(e.name, e.family, e.source, e.exporter, inputs, e.description)
     console.print(table)
 
 
@@ -152,21 +202,34 @@ def _list_cuts(model, onnx, checkpoint, opset, max_tensors, as_json) -> None:
     loaded = load_model(model, onnx, checkpoint, opset)
     cuts = candidate_cuts(loaded, max_tensors)
     spec = spec_for(loaded, cuts)
-    rows = [_cut_row(c, s) for c, s in zip(cuts, spec.segments[1:])]
+    rows = [_cut_row(loaded.index, c, s) for c, s in zip(cuts, spec.segments[1:])]
     if as_json:
         print(json.dumps({"model_id": loaded.identity.model_id, "model_sha256": loaded.identity.model_sha256,
-                          "cuts": rows}, indent=2))
+                          "fixed_batch": loaded.fixed_batch, "cuts": rows}, indent=2))
         return
-    table = Table(title=f"Candidate cuts of {loaded.identity.model_id} (≤{max_tensors} tensor(s))")
+    table = Table(title=f"Candidate cuts of {loaded.identity.model_id} (≤{max_tensors} tensor(s) sent)",
+                  caption="label = cut in front of that module (@name: in front of that node); the stage "
+                          "after a cut rebuilds masks and shape values itself from the forwarded inputs")
     table.add_column("#", justify="right")
     table.add_column("label", no_wrap=True)
-    table.add_column("tensors", overflow="fold")
+    table.add_column("where")
+    table.add_column("sends")
+    table.add_column("forwards")
+    table.add_column("rebuilds", justify="right")
     for col in ("bytes/sample", "next segment GFLOP", "next segment weights"):
         table.add_column(col, justify="right")
     for i, row in enumerate(rows):
-        table.add_row(str(i), row["label"], ", ".join(row["tensors"]), _size(row["bytes_per_sample"]),
+        table.add_row(str(i), row["label"], row["where"], ", ".join(row["tensors"]), ", ".join(row["forwarded"]),
+                      str(len(row["rebuilt"])) if row["rebuilt"] else "", _size(row["bytes_per_sample"]),
                       f"{row['segment_gflop']:.3f}", _size(row["segment_weight_bytes"]))
     console.print(table)
+    if loaded.fixed_batch is not None:
+        err.print(f"[yellow]note:[/yellow] {_fixed_batch_note(loaded.fixed_batch)}", highlight=False)
+
+
+def _fixed_batch_note(batch: int) -> str:
+    return (f"the model has a fixed batch size of {batch} (exported without a dynamic batch axis): "
+            f"its stages accept only batches of {batch}")
 
 
 def _write_profile_bundle(model, onnx, checkpoint, opset, max_tensors, out: Path, as_json: bool) -> None:
@@ -184,9 +247,8 @@ def _write_profile_bundle(model, onnx, checkpoint, opset, max_tensors, out: Path
                       f"pieces; run it on each device with: edgepipe-agent profile {out} --device NAME")
 
 
-def _cut_row(cut: Cut, segment) -> dict:
-    return {"label": cut.label, "position": cut.position, "tensors": list(cut.tensors),
-            "bytes_per_sample": cut.bytes_per_sample, "segment_gflop": segment.flops / 1e9,
+def _cut_row(index, cut: Cut, segment) -> dict:
+    return {**cut_summary(cut), "where": describe_cut(index, cut), "segment_gflop": segment.flops / 1e9,
             "segment_weight_bytes": segment.weight_bytes}
 
 
@@ -313,18 +375,41 @@ def _print_profile_sources(cluster, profiles, missing: dict[str, str], left_out:
 def _print_result(result: CompileResult) -> None:
     table = Table(title=f"{result.model_id}: {len(result.bundle_dirs)} stage bundle(s) in {result.out_dir}")
     for col, justify in (("stage", "right"), ("from cut", "left"), ("to cut", "left"), ("params", "right"),
-                         ("weights", "right"), ("out bytes/sample", "right")):
+                         ("weights", "right"), ("GFLOP", "right"), ("out bytes/sample", "right"),
+                         ("forwarded in", "left")):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     planned = any(row["device"] for row in result.stage_rows)
     if planned:
         table.add_column("device")
     for row in result.stage_rows:
+        gflop = "" if row["gflop"] is None else f"{row['gflop']:.3f}"
         cells = [str(row["stage"]), row["cut_in"] or "(input)", row["cut_out"] or "(output)",
-                 f"{row['params'] / 1e6:.2f} M", _size(row["weight_bytes"]), _size(row["out_bytes_per_sample"])]
+                 f"{row['params'] / 1e6:.2f} M", _size(row["weight_bytes"]), gflop,
+                 _size(row["out_bytes_per_sample"]), ", ".join(row["forwarded_in"])]
         table.add_row(*cells, *([row["device"]] if planned else []))
     console.print(table)
-    source = "cached export" if result.export_cached else "fresh export"
-    console.print(f"model {result.model_path} ({source}, sha256 {result.model_sha256[:12]})")
+    for cut in result.cuts:
+        if cut.rebuilt:
+            names = ", ".join(cut.rebuilt[:3]) + (f" and {len(cut.rebuilt) - 3} more" if len(cut.rebuilt) > 3 else "")
+            source = f"the forwarded {', '.join(cut.forwarded)}" if cut.forwarded else "the received tensor's shape"
+            saved = (f"instead of receiving {_size(cut.rebuilt_bytes_per_sample)}/sample"
+                     if cut.rebuilt_bytes_per_sample else "(shape values without a batch axis cannot be sent)")
+            console.print(f"cut {cut.label}: the next stage rebuilds {names} from {source} {saved}", highlight=False)
+    if result.source == "onnx":
+        console.print(f"model {result.model_path} (ONNX file, sha256 {result.model_sha256[:12]})")
+    else:
+        source = "cached export" if result.export_cached else "fresh export"
+        console.print(f"model {result.model_path} ({source} by {result.exporter}, sha256 {result.model_sha256[:12]})")
+    if result.balance is not None and len(result.balance.stage_flops) > 1:
+        b = result.balance
+        console.print(f"balance: largest stage {b.worst_ratio:.2f}x, smallest {b.least_ratio:.2f}x the mean "
+                      f"stage's estimated FLOPs")
+        for warning in b.warnings:
+            err.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
+    if result.fixed_batch is not None:
+        err.print(f"[yellow]note:[/yellow] {_fixed_batch_note(result.fixed_batch)}", highlight=False)
+    if len(result.bundle_dirs) == 1 and result.plan is None:
+        console.print("one stage (the whole model): split it with --stages N, --cuts or --cluster")
     if result.verification is not None:
         v = result.verification
         console.print(f"verified: chained stages vs whole model, batch {v.batch}: max |Δ| = {v.worst:.3g} "

@@ -1,28 +1,44 @@
 """Export a registry model to ONNX, cached by everything that changes the result.
 
 The dynamo exporter at opset 20 gives real ``Gelu``/``LayerNormalization`` ops and per-node
-``name_scopes`` metadata (which cut discovery uses for labels). Weights always go to external data:
-ViT-Huge is 2.5 GB, past protobuf's 2 GB limit, and ONNX Runtime memory-maps external weights.
+``name_scopes`` metadata (which cut discovery uses for labels); it is used for every registry model
+that it can trace (all of them today). An entry may ask for the legacy TorchScript exporter
+(``exporter="torchscript"``): no module metadata, so its cuts are labelled by node names.
+Weights always go to external data: ViT-Huge is 2.5 GB, past protobuf's 2 GB limit, and ONNX
+Runtime memory-maps external weights.
+
+Every input gets one shared dynamic batch axis. The exported graph is tidied before it is saved:
+the batch symbol is called ``batch`` everywhere (the exporter may call it ``s43``), and symbolic
+dimension expressions that are really constants are folded (compiler/shapes.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
-from edgepipe.models.registry import ModelEntry, ModelError, build_module, example_input
+from edgepipe.compiler.shapes import dim_of, fold_constant_dims
+from edgepipe.models.registry import ModelEntry, ModelError, build_module, example_inputs
 
 DEFAULT_OPSET = 20
 # Bump when the export recipe changes so stale cache entries are not reused.
-EXPORT_RECIPE = 1
+# 2: several inputs, exporter per entry, tidied shapes.
+EXPORT_RECIPE = 2
 MODEL_FILE = "model.onnx"
+BATCH = "batch"
+EXPORTERS = {"dynamo": "torch.onnx dynamo", "torchscript": "torch.onnx torchscript (legacy)"}
 
 
 class ExportError(RuntimeError):
@@ -50,12 +66,19 @@ def export_settings(entry: ModelEntry, checkpoint: Path | None, opset: int) -> d
         "model": entry.name,
         "checkpoint_sha256": sha256_files([Path(checkpoint)]) if checkpoint else None,
         "opset": opset,
-        "exporter": "torch.onnx dynamo",
+        "exporter": EXPORTERS[entry.exporter],
         "torch": version("torch"),
-        "timm": version("timm"),
+        entry.source: _package_version(entry.source),
         "onnxscript": version("onnxscript"),
         "recipe": EXPORT_RECIPE,
     }
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
 
 
 def export_model(
@@ -88,34 +111,89 @@ def export_model(
 
 
 def _run_exporter(entry: ModelEntry, checkpoint: Path | None, opset: int, out: Path) -> None:
+    import onnx_ir as ir
     import torch
 
     module = build_module(entry, checkpoint)
-    example = example_input(entry, batch=2)
+    examples = example_inputs(entry, batch=2)
     try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(
-                module,
-                (example,),
-                dynamo=True,
-                input_names=[entry.input_name],
-                output_names=[entry.output_name],
-                dynamic_shapes=({0: "batch"},),
-                opset_version=opset,
-                verbose=False,
-            )
+        with _quiet(), torch.no_grad():
+            if entry.exporter == "torchscript":
+                _export_torchscript(module, entry, examples, opset, out)
+                model = ir.load(out)
+            else:
+                model = _export_dynamo(module, entry, examples, opset)
+    except ModelError:
+        raise
     except Exception as exc:
         raise ExportError(f"exporting {entry.name} failed: {type(exc).__name__}: {exc}") from exc
+    tidy_exported(model)
+    ir.save(model, out, external_data=out.name + ".data")
+
+
+def _export_dynamo(module: Any, entry: ModelEntry, examples: dict[str, Any], opset: int) -> Any:
+    import torch
+
+    batch = torch.export.Dim(BATCH)
+    names = [i.name for i in entry.inputs]
+    if entry.source == "timm":  # positional: forward(x)
+        args, kwargs = tuple(examples[n] for n in names), None
+        dynamic: Any = tuple({0: batch} for _ in names)
+    else:  # keyword: forward(input_ids=..., attention_mask=..., logits_to_keep=1)
+        args, kwargs = (), {**examples, **dict(entry.call)}
+        dynamic = {**{n: {0: batch} for n in names}, **{k: None for k, _ in entry.call}}
+    program = torch.onnx.export(module, args, kwargs=kwargs, dynamo=True, input_names=names,
+                                output_names=list(entry.output_names), dynamic_shapes=dynamic,
+                                opset_version=opset, verbose=False)
     if program is None:
         raise ExportError(f"exporting {entry.name} returned no program")
-    program.save(str(out), external_data=True)
-    if not (out.parent / (out.name + ".data")).is_file():
-        # Tiny models can come out inline; keep one layout so every later step can rely on it.
-        import onnx_ir as ir
+    return program.model
 
-        model = ir.load(out)
-        ir.save(model, out, external_data=out.name + ".data")
+
+def _export_torchscript(module: Any, entry: ModelEntry, examples: dict[str, Any], opset: int, out: Path) -> None:
+    import torch
+
+    names = [i.name for i in entry.inputs]
+    torch.onnx.export(module, tuple(examples[n] for n in names), str(out), dynamo=False, input_names=names,
+                      output_names=list(entry.output_names), opset_version=opset,
+                      dynamic_axes={n: {0: BATCH} for n in [*names, *entry.output_names]})
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporters print progress, warnings and constant-folding notes; a compile shows its own
+    progress instead. Errors still surface as exceptions."""
+    loggers = [logging.getLogger(n) for n in ("onnxscript", "torch.onnx", "torch.export", "torch._dynamo")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def tidy_exported(model: Any) -> None:
+    """Call the first input's batch symbol ``batch`` everywhere and fold constant dimension
+    expressions (see the module doc)."""
+    import onnx_ir as ir
+
+    graph = model.graph
+    values = [*graph.inputs, *(out for node in graph for out in node.outputs), *graph.outputs]
+    first = graph.inputs[0].shape if graph.inputs and graph.inputs[0].shape else None
+    symbol = dim_of(first[0]) if first else None
+    if isinstance(symbol, str) and symbol != BATCH:
+        word = re.compile(rf"\b{re.escape(symbol)}\b")  # also inside expressions: 128*s43 -> 128*batch
+        for value in values:
+            if value.shape is not None and any(isinstance(dim_of(d), str) and word.search(dim_of(d))
+                                               for d in value.shape):
+                value.shape = ir.Shape([word.sub(BATCH, dim_of(d)) if isinstance(dim_of(d), str) else d
+                                        for d in value.shape])
+    fold_constant_dims(values)
 
 
 def sha256_files(paths: list[Path]) -> str:

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 from edgepipe.agent.formats.profiles import ProfileBundle, save_profile_bundle
-from edgepipe.compiler.cuts import Cut, stage_boundaries
-from edgepipe.compiler.slicing import ModelIdentity, extract_stage, write_stage
+from edgepipe.compiler.cuts import Cut
+from edgepipe.compiler.slicing import ModelIdentity, stage_models, write_stage
 
 # Initializers this small are shape constants (Reshape targets, axes), part of the structure;
 # larger ones are weights, whose values do not change the time.
@@ -35,12 +35,10 @@ def write_profile_bundle(
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
-    boundaries = stage_boundaries(model.graph, cuts)
     names = ["input", *[c.label for c in cuts]]
     piece_of_key: dict[str, int] = {}
     segment_pieces = []
-    for k, (inputs, outputs) in enumerate(boundaries):
-        segment = extract_stage(model, inputs, outputs, k)
+    for k, segment in stage_models(model, cuts):
         key = structure_key(segment.graph)
         if key not in piece_of_key:
             piece = len(piece_of_key)
@@ -48,7 +46,7 @@ def write_profile_bundle(
             write_stage(segment, out_dir / f"piece-{piece}", identity, piece, 0, names[k], None)
         segment_pieces.append(piece_of_key[key])
         if on_piece is not None:
-            on_piece(k, len(boundaries))
+            on_piece(k, len(names))
     bundle = ProfileBundle(
         model_id=identity.model_id,
         model_sha256=identity.model_sha256,

@@ -26,7 +26,7 @@ def model_spec(index: GraphIndex, cuts: list[Cut], model_id: str, model_sha256: 
         flops = 0.0
         for position in range(start, end):
             weights |= index.weight_names[position]
-            flops += node_flops_per_sample(index.nodes[position])
+            flops += node_flops_per_sample(index.nodes[position], index.batch_dim)
         segments.append(
             Segment(
                 name=name,

@@ -1,7 +1,9 @@
 """Check that the chained stage bundles compute what the whole model computes.
 
-Both sides run in ONNX Runtime on the same random inputs; the result is the largest absolute
-difference per model output. Stages are cut at tensor boundaries and nothing is approximated, so the
+Both sides run in ONNX Runtime on the same random inputs, made to fit the model (token ids within
+the vocabulary, attention masks that pad all samples but the first, normal noise for images); the
+result is the largest absolute difference per model output. A model with a fixed batch size is
+verified at that size, and the result says so. Stages are cut at tensor boundaries and nothing is approximated, so the
 expected difference is 0.0; ORT may fuse kernels differently on either side of a cut, hence a
 small tolerance (DEFAULT_TOLERANCE, documented in docs/formats/bundle.md).
 """
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from edgepipe.agent.device.profiler import random_feeds
+from edgepipe.agent.client.inputs import ModelInputs, random_inputs
 from edgepipe.agent.formats.bundle import GRAPH_NAME, read_manifest
 
 DEFAULT_TOLERANCE = 1e-4
@@ -27,7 +29,7 @@ class VerificationError(RuntimeError):
 class Verification:
     max_abs_diff: dict[str, float]  # per model output
     tolerance: float
-    batch: int
+    batch: int  # the batch size actually run
 
     @property
     def worst(self) -> float:
@@ -60,7 +62,9 @@ def verify_chain(
     model_path: Path, bundle_dirs: list[Path], batch: int = 2, tolerance: float = DEFAULT_TOLERANCE, seed: int = 0
 ) -> Verification:
     first = read_manifest(bundle_dirs[0])
-    feeds = random_feeds(first.inputs, batch, seed)
+    inputs = ModelInputs(first.inputs, first.input_values, first.fixed_batch)
+    batch = first.fixed_batch or batch
+    feeds = random_inputs(inputs, batch, np.random.default_rng(seed), padded_masks=True)
     whole = cpu_session(model_path)
     names = [o.name for o in whole.get_outputs()]
     expected = dict(zip(names, whole.run(names, feeds)))

@@ -4,6 +4,7 @@ single-process ONNX Runtime baseline measured in the same run (same total number
 
     .venv/bin/python tools/demo.py                                  # ViT-B, 3 stages
     .venv/bin/python tools/demo.py --model vit_tiny_patch16_224 --stages 2 --batch 4 --count 6
+    .venv/bin/python tools/demo.py --model bert_tiny --stages 4       # token ids and attention masks
 
 Exit code 0 when every output matches the unsplit model within --tolerance, 1 when one does not
 (or a request failed), 2 on a compile or start-up error, 130 on Ctrl-C. Every agent process is
@@ -22,8 +23,8 @@ import numpy as np
 import onnxruntime as ort
 import typer
 from edgepipe.agent.client import ClientError, Result
+from edgepipe.agent.client.inputs import inputs_from_bundle, random_batches
 from edgepipe.agent.device.session import session_options
-from edgepipe.agent.formats.bundle import read_manifest
 from edgepipe.agent.local import LocalPipeline, LocalPipelineError
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -47,38 +48,42 @@ def compile_stages(model: str, stages: int, out: Path) -> Any:
         return compile_model(model, out, stages=stages, progress=on_progress)
 
 
-def make_batches(shape: tuple[int, ...], batch: int, count: int, seed: int = 0) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return [rng.standard_normal((batch, *shape)).astype(np.float32) for _ in range(count)]
+def make_batches(bundle_dir: Path, batch: int, count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """Random batches the model takes: images, or token ids within the vocabulary and masks."""
+    return random_batches(inputs_from_bundle(bundle_dir), batch, count, seed)
 
 
-def run_baseline(model_path: Path, batches: list[np.ndarray], threads: int) -> tuple[list[np.ndarray], float]:
+def samples(batches: list[dict[str, np.ndarray]]) -> int:
+    return sum(len(next(iter(b.values()))) for b in batches)
+
+
+def run_baseline(model_path: Path, batches: list[dict[str, np.ndarray]], threads: int
+                 ) -> tuple[list[np.ndarray], float]:
     """The unsplit model in one ORT session (agent settings, ``threads`` intra-op threads):
     reference outputs and samples/s (after one warm-up run)."""
     session = ort.InferenceSession(str(model_path), sess_options=session_options(threads),
                                    providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    session.run(None, {name: batches[0]})
+    session.run(None, batches[0])
     outputs = []
     start = time.perf_counter()
     for x in batches:
-        outputs.append(session.run(None, {name: x})[0])
-    return outputs, sum(len(b) for b in batches) / (time.perf_counter() - start)
+        outputs.append(session.run(None, x)[0])
+    return outputs, samples(batches) / (time.perf_counter() - start)
 
 
-def run_pipeline(pipe: LocalPipeline, input_name: str, batches: list[np.ndarray], window: int
+def run_pipeline(pipe: LocalPipeline, batches: list[dict[str, np.ndarray]], window: int
                  ) -> tuple[list[Result], float, float | None]:
     """Results, samples/s over the whole run (pipeline fill included) and in steady state (first to
     last completion; None with a single microbatch)."""
     with pipe.client(window=window, timeout_s=600) as client:
-        client.run({input_name: batches[0]})  # warm-up, as for the baseline
+        client.run(batches[0])  # warm-up, as for the baseline
         start = time.perf_counter()
         results, done = [], []
-        for outcome in client.results({input_name: b} for b in batches):
+        for outcome in client.results(batches):
             results.append(outcome)
             done.append(time.perf_counter())
-    whole = sum(len(b) for b in batches) / (done[-1] - start)
-    steady = sum(len(b) for b in batches[1:]) / (done[-1] - done[0]) if len(batches) > 1 else None
+    whole = samples(batches) / (done[-1] - start)
+    steady = samples(batches[1:]) / (done[-1] - done[0]) if len(batches) > 1 else None
     return results, whole, steady
 
 
@@ -100,7 +105,7 @@ def stage_table(results: list[Result], wall_s: float) -> Table:
 def main(
     model: str = typer.Option("vit_base_patch16_224", "--model", help="Registry model to compile."),
     stages: int = typer.Option(3, "--stages", min=1, help="Pipeline stages (one agent process each)."),
-    batch: int = typer.Option(8, "--batch", min=1, help="Images per microbatch."),
+    batch: int = typer.Option(8, "--batch", min=1, help="Samples (images, token sequences) per microbatch."),
     count: int = typer.Option(8, "--count", min=1, help="Microbatches to submit."),
     threads: int = typer.Option(1, "--threads", min=1, help="ONNX Runtime threads per agent."),
     out: Path | None = typer.Option(None, "--out", help="Bundle directory [build/demo-MODEL-STAGES]."),
@@ -127,8 +132,7 @@ def demo(model: str, stages: int, batch: int, count: int, threads: int, out: Pat
         console.print(f"[red]demo: compile failed:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from None
     console.print(f"compiled {model} into {len(build.bundle_dirs)} stages in {out}")
-    first = read_manifest(build.bundle_dirs[0]).inputs[0]
-    batches = make_batches(tuple(int(d) for d in first.shape[1:]), batch, count)
+    batches = make_batches(build.bundle_dirs[0], batch, count)
 
     total_threads = threads * len(build.bundle_dirs)
     console.print(f"baseline: whole model in one ONNX Runtime session, {total_threads} threads")
@@ -140,8 +144,7 @@ def demo(model: str, stages: int, batch: int, count: int, threads: int, out: Pat
                           f"({', '.join(str(a.process.pid) for a in pipe.agents)}), entry {pipe.entry}, "
                           f"exit {pipe.exit}")
             start = time.perf_counter()
-            results, pipeline_tp, steady_tp = run_pipeline(pipe, first.name, batches,
-                                                           window=len(build.bundle_dirs) + 1)
+            results, pipeline_tp, steady_tp = run_pipeline(pipe, batches, window=len(build.bundle_dirs) + 1)
             wall = time.perf_counter() - start
     except (LocalPipelineError, ClientError) as exc:
         console.print(f"[red]demo: pipeline failed:[/red] {exc}", highlight=False)

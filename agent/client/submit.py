@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import typer
 from edgepipe.agent.client.client import Client, ClientError, Result
+from edgepipe.agent.client.inputs import InputError, inputs_from_bundle, inputs_from_shape, load_arrays, requests_from
 from edgepipe.agent.client.report import ReportError, compare, print_prediction, read_prediction
-from edgepipe.agent.formats.bundle import BundleError, read_manifest
+from edgepipe.agent.formats.bundle import BundleError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -62,17 +63,6 @@ def stage_medians(results: list[Result]) -> tuple[list[float], list[float]]:
     return compute, overhead
 
 
-def batches_from_array(data: np.ndarray, batch: int, count: int | None) -> list[np.ndarray]:
-    """Microbatches of ``batch`` samples (axis 0), the last one possibly smaller; with ``count``,
-    exactly ``count`` full microbatches, cycling through the data."""
-    if data.ndim == 0 or data.shape[0] == 0:
-        raise SubmitError(f"input array has shape {list(data.shape)}; need samples on axis 0")
-    if count is None:
-        return [np.ascontiguousarray(data[i:i + batch]) for i in range(0, data.shape[0], batch)]
-    return [np.ascontiguousarray(data[[(i * batch + j) % data.shape[0] for j in range(batch)]])
-            for i in range(count)]
-
-
 def load_images(folder: Path, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
     """Images -> float32 [N, 3, size, size], resized (shorter side) and centre-cropped, normalised."""
     try:
@@ -101,58 +91,37 @@ def load_images(folder: Path, size: int, mean: tuple[float, ...], std: tuple[flo
     return np.ascontiguousarray(data.transpose(0, 3, 1, 2))
 
 
-def random_batches(shape: tuple[int, ...], dtype: str, batch: int, count: int, seed: int) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return [rng.standard_normal((batch, *shape)).astype(dtype) for _ in range(count)]
-
-
-def input_spec(bundle: Path | None, shape: str | None, dtype: str) -> tuple[str, tuple[int, ...], str]:
-    """(input name, per-sample shape, dtype) from the first stage's bundle or from --shape."""
-    if bundle is not None:
-        manifest = read_manifest(bundle)
-        if manifest.stage_index != 0:
-            raise SubmitError(f"{bundle} is stage {manifest.stage_index}; --bundle takes the first stage")
-        if len(manifest.inputs) != 1:
-            raise SubmitError(f"{bundle}: the model takes {len(manifest.inputs)} inputs; use --npy per input")
-        spec = manifest.inputs[0]
-        if not all(isinstance(d, int) for d in spec.shape[1:]):
-            raise SubmitError(f"{bundle}: input {spec.name!r} has symbolic axes {list(spec.shape)}; "
-                              "use --shape")
-        return spec.name, tuple(int(d) for d in spec.shape[1:]), spec.dtype
-    try:
-        dims = tuple(int(d) for d in (shape or "3,224,224").replace("x", ",").split(","))
-    except ValueError:
-        raise SubmitError(f"--shape {shape!r}: expected sizes like 3,224,224") from None
-    return "", dims, dtype
-
-
 Outcome = Result | ClientError
 
 
-def submit_all(client: Client, batches: list[np.ndarray], name: str, warmup: int,
+Request = dict[str, np.ndarray]  # input name ("" for an unnamed single input) -> batch
+
+
+def submit_all(client: Client, batches: list[Request], warmup: int,
                on_result: Callable[[Outcome], None] | None = None) -> tuple[list[Outcome], float]:
     """Warm up, then push every batch through ``client.results``; return outcomes and wall time."""
-    def named(batch: np.ndarray) -> dict[str, np.ndarray] | np.ndarray:
-        return {name: batch} if name else batch
-
-    for outcome in client.results([named(batches[0])] * warmup, errors="return"):
+    for outcome in client.results([batches[0]] * warmup, errors="return"):
         if isinstance(outcome, ClientError):
             raise outcome
     outcomes: list[Result | ClientError] = []
     start = time.perf_counter()
-    for outcome in client.results((named(b) for b in batches), errors="return"):
+    for outcome in client.results(iter(batches), errors="return"):
         outcomes.append(outcome)
         if on_result:
             on_result(outcome)
     return outcomes, time.perf_counter() - start
 
 
-def make_report(outcomes: list[Result | ClientError], batches: list[np.ndarray], wall_s: float,
+def samples_in(request: Request) -> int:
+    return next(iter(request.values())).shape[0]
+
+
+def make_report(outcomes: list[Result | ClientError], batches: list[Request], wall_s: float,
                 client: Client) -> Report:
     ok = [o for o in outcomes if isinstance(o, Result)]
     bad = [o for o in outcomes if not isinstance(o, Result)]
     latencies = [r.latency_s for r in ok]
-    samples = sum(b.shape[0] for b, o in zip(batches, outcomes, strict=True) if isinstance(o, Result))
+    samples = sum(samples_in(b) for b, o in zip(batches, outcomes, strict=True) if isinstance(o, Result))
     compute, overhead = stage_medians(ok)
     return Report(
         requests=len(outcomes), samples=samples, failed=len(bad), wall_s=wall_s,
@@ -204,13 +173,17 @@ def print_report(report: Report) -> None:
 def submit(
     entry: str = typer.Argument(..., metavar="ENTRY", help="First agent's --listen, e.g. tcp://dev0:5550."),
     exit_: str = typer.Argument(..., metavar="EXIT", help="Last agent's --results address, e.g. tcp://dev2:5551."),
-    random: bool = typer.Option(False, "--random", help="Send random data (the default)."),
-    npy: Path | None = typer.Option(None, "--npy", help="A .npy array of samples (axis 0)."),
+    random: bool = typer.Option(False, "--random", help="Send random data (the default): with --bundle, token ids "
+                                "within the vocabulary, masks of ones, normal noise for real inputs."),
+    npy: list[Path] = typer.Option([], "--npy", help="A .npy array of samples (axis 0), for a single-input model."),
+    input_files: list[str] = typer.Option([], "--input", metavar="NAME=FILE.npy|FILE.npz", help=(
+        "An input's samples (axis 0); repeat for each input, or give one .npz holding one array per input.")),
     images: Path | None = typer.Option(None, "--images", help="A folder of images (needs Pillow)."),
-    bundle: Path | None = typer.Option(None, "--bundle", help="First stage's bundle (input name/shape)."),
+    bundle: Path | None = typer.Option(None, "--bundle", help="First stage's bundle (input names, shapes, values)."),
     shape: str | None = typer.Option(None, "--shape", help="Per-sample shape for --random [3,224,224]."),
     dtype: str = typer.Option("float32", "--dtype", help="dtype for --random without --bundle."),
-    batch: int = typer.Option(8, "--batch", "-b", min=1, help="Microbatch size (samples per request)."),
+    batch: int | None = typer.Option(None, "--batch", "-b", min=1,
+                                     help="Microbatch size (samples per request) [8, or a fixed-batch model's own]."),
     count: int | None = typer.Option(None, "--count", "-n", min=1,
                                      help="Number of microbatches [8 for --random; all data otherwise]."),
     window: int = typer.Option(8, "--window", min=1, help="Requests in flight."),
@@ -233,28 +206,18 @@ def submit(
 
     Example: edgepipe-submit tcp://dev0:5550 tcp://dev2:5551 --bundle stage-0 --random -b 8 -n 32
     """
-    if sum(x is not None and x is not False for x in (npy, images)) + random > 1:
-        raise _fail("give only one of --random, --npy, --images")
+    if bool(npy or input_files) + (images is not None) + random > 1:
+        raise _fail("give only one of --random, --npy/--input, --images")
     try:
         prediction = read_prediction(plan) if plan is not None else None
-        name, sample_shape, sample_dtype = input_spec(bundle, shape, dtype)
-        if npy is not None:
-            try:
-                data = np.load(npy, allow_pickle=False)
-            except (OSError, ValueError) as exc:
-                raise SubmitError(f"{npy}: not a readable .npy file: {exc}") from None
-            batches = batches_from_array(data, batch, count)
-        elif images is not None:
-            data = load_images(images, image_size, _floats(mean, "--mean"), _floats(std, "--std"))
-            batches = batches_from_array(data, batch, count)
-        else:
-            batches = random_batches(sample_shape, sample_dtype, batch, count or 8, seed)
-    except (SubmitError, BundleError, ReportError, TypeError) as exc:
+        batches = load_requests(bundle, shape, dtype, npy, input_files, images, image_size, mean, std,
+                                batch, count, seed)
+    except (SubmitError, InputError, BundleError, ReportError, TypeError) as exc:
         raise _fail(str(exc)) from None
 
     try:
         with Client(entry, exit_, window=window, timeout_s=timeout_s, retries=retries) as client:
-            outcomes, wall = _run_with_progress(client, batches, name, warmup, quiet=as_json)
+            outcomes, wall = _run_with_progress(client, batches, warmup, quiet=as_json)
             report = make_report(outcomes, batches, wall, client)
     except (ClientError, ValueError) as exc:
         raise _fail(str(exc), code=1) from None
@@ -267,7 +230,7 @@ def submit(
     if prediction is not None:
         traces = [o.trace for o in outcomes if isinstance(o, Result)]
         try:
-            compared = compare(prediction, traces, batch) if traces else None
+            compared = compare(prediction, traces, samples_in(batches[0])) if traces else None
         except ReportError as exc:
             raise _fail(str(exc), code=1) from None
     if as_json:
@@ -279,16 +242,30 @@ def submit(
     raise typer.Exit(1 if report.failed else 0)
 
 
-def _run_with_progress(client: Client, batches: list[np.ndarray], name: str, warmup: int,
+def load_requests(bundle: Path | None, shape: str | None, dtype: str, npy: list[Path], input_files: list[str],
+                  images: Path | None, image_size: int, mean: str, std: str, batch: int | None,
+                  count: int | None, seed: int) -> list[Request]:
+    """The requests the options ask for, checked against the model's inputs (agent/client/inputs.py)."""
+    model_inputs = inputs_from_bundle(bundle) if bundle is not None else None
+    if npy or input_files:
+        arrays = load_arrays(input_files, npy)
+    elif images is not None:
+        arrays = {"": load_images(images, image_size, _floats(mean, "--mean"), _floats(std, "--std"))}
+    else:
+        arrays, model_inputs = None, model_inputs or inputs_from_shape(shape, dtype)
+    return requests_from(model_inputs, arrays, batch, count, seed)
+
+
+def _run_with_progress(client: Client, batches: list[Request], warmup: int,
                        quiet: bool) -> tuple[list[Result | ClientError], float]:
     if quiet:
-        return submit_all(client, batches, name, warmup)
+        return submit_all(client, batches, warmup)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("submitting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   transient=True) as progress:
         task = progress.add_task("submit", total=len(batches))
-        return submit_all(client, batches, name, warmup, lambda _: progress.advance(task))
+        return submit_all(client, batches, warmup, lambda _: progress.advance(task))
 
 
 def _floats(text: str, option: str) -> tuple[float, ...]:

@@ -17,7 +17,10 @@ from pathlib import Path
 from typing import Any
 
 FORMAT = "edgepipe.stage-bundle"
-FORMAT_VERSION = 1
+# 2: adds ``forwarded``, ``input_values`` and ``fixed_batch`` (models with several inputs, e.g. a
+# transformer's token ids and attention mask). Version 1 manifests are still read: they have none.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST_NAME = "stage.json"
 GRAPH_NAME = "stage.onnx"
 DATA_NAME = "stage.onnx.data"
@@ -53,6 +56,25 @@ _ITEMSIZE = {"float32": 4, "float16": 2, "float64": 8, "int64": 8, "int32": 4, "
              "uint8": 1, "bool": 1}
 
 
+# What values a model input takes, so a client can make valid inputs without knowing the model.
+INPUT_KINDS = ("real", "index", "mask")
+
+
+@dataclass(frozen=True)
+class InputValues:
+    """``real``: any float (clients send normal noise); ``index``: integers in [0, ``high``), such as
+    token ids within the vocabulary; ``mask``: 0/1 attention mask (1 = attend; clients send ones)."""
+
+    kind: str
+    high: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in INPUT_KINDS:
+            raise ValueError(f"input kind {self.kind!r} is not one of {', '.join(INPUT_KINDS)}")
+        if self.kind == "index" and (self.high is None or self.high < 1):
+            raise ValueError(f"an index input needs high >= 1, got {self.high!r}")
+
+
 @dataclass(frozen=True)
 class FileEntry:
     sha256: str
@@ -74,24 +96,33 @@ class StageManifest:
     cut_out: str | None  # label of the cut this stage ends at; None for the last stage
     weight_bytes: int  # bytes of initializers this stage holds
     compile_settings: dict[str, Any] = field(default_factory=dict)  # opset, exporter versions, ...
+    # Inputs that are model inputs passed along from the client (e.g. "attention_mask"), not computed
+    # by the stage before: this stage rebuilds masks from them, and passes them on when a later stage
+    # needs them too (they are then also among its outputs, unchanged). Always empty for stage 0.
+    forwarded: tuple[str, ...] = ()
+    input_values: dict[str, InputValues] = field(default_factory=dict)  # model inputs among ``inputs``
+    fixed_batch: int | None = None  # the one batch size the stage accepts (model exported without a batch axis)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
+        raw = asdict(self)
+        raw["input_values"] = {k: {f: v for f, v in asdict(d).items() if v is not None}
+                               for k, d in self.input_values.items()}
+        return json.dumps(raw, indent=2, sort_keys=True)
 
     @staticmethod
     def from_dict(raw: dict[str, Any], source: str = "stage.json") -> StageManifest:
         if raw.get("format") != FORMAT:
             raise BundleError(f"{source}: not an EdgePipe stage bundle manifest (format={raw.get('format')!r})")
         version = raw.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise BundleError(
                 f"{source}: bundle format version {version} is not supported by this agent "
-                f"(supports {FORMAT_VERSION}); recompile or upgrade edgepipe"
+                f"(supports {', '.join(map(str, READABLE_VERSIONS))}); recompile or upgrade edgepipe"
             )
         try:
-            return StageManifest(
+            manifest = StageManifest(
                 model_id=str(raw["model_id"]),
                 model_sha256=str(raw["model_sha256"]),
                 stage_index=int(raw["stage_index"]),
@@ -103,9 +134,19 @@ class StageManifest:
                 cut_out=raw.get("cut_out"),
                 weight_bytes=int(raw["weight_bytes"]),
                 compile_settings=dict(raw.get("compile_settings", {})),
+                forwarded=tuple(str(n) for n in raw.get("forwarded", ())),
+                input_values={str(k): InputValues(str(v["kind"]), None if v.get("high") is None else int(v["high"]))
+                              for k, v in raw.get("input_values", {}).items()},
+                fixed_batch=None if raw.get("fixed_batch") is None else int(raw["fixed_batch"]),
+                format_version=int(version),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise BundleError(f"{source}: malformed manifest field: {exc!r}") from exc
+        names = {t.name for t in manifest.inputs}
+        stray = [n for n in (*manifest.forwarded, *manifest.input_values) if n not in names]
+        if stray:
+            raise BundleError(f"{source}: {stray} named in forwarded/input_values but not among the inputs")
+        return manifest
 
 
 def _tensor_spec(raw: dict[str, Any]) -> TensorSpec:

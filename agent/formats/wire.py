@@ -231,6 +231,9 @@ def check_against_inputs(tensors: Sequence[TensorDesc], inputs: Sequence[TensorS
         n = desc.shape[0]
         if not 1 <= n <= max_batch:
             raise ValueError(f"input {label!r}: batch {n} outside 1..{max_batch} (agent --max-batch)")
+        if isinstance(spec.shape[0], int) and n != spec.shape[0]:  # a model exported with a fixed batch size
+            raise ValueError(f"input {label!r}: batch {n}, but the stage takes only batch {spec.shape[0]} "
+                             "(its model has a fixed batch size)")
         if batch is not None and n != batch:
             raise ValueError(f"input {label!r}: batch {n} differs from batch {batch} of another input")
         batch = n

@@ -65,7 +65,7 @@ def test_failed_requests_are_reported_and_set_the_exit_code(toy_pipeline: LocalP
 
 @pytest.mark.parametrize(("args", "code", "message"), [
     (["--npy", "/nonexistent/in.npy"], 2, "/nonexistent/in.npy: not a readable .npy file"),
-    (["--npy", "x.npy", "--images", "dir"], 2, "give only one of --random, --npy, --images"),
+    (["--npy", "x.npy", "--images", "dir"], 2, "give only one of --random, --npy/--input, --images"),
     (["--shape", "3,two"], 2, "--shape '3,two'"),
     (["--shape", "16", "-n", "2", "--save", "out.npy"], 1, "returns 2 outputs (out, label); save to a .npz"),
 ])

@@ -113,11 +113,11 @@ def test_compile_cluster_reuses_stored_profiles_without_profile_flag(planned: Pa
 
 def test_profile_options_need_a_cluster() -> None:
     result = cli("edgepipe-compile", TINY, "--stages", "2", "--profile")
-    assert result.returncode == 1 and "need --cluster" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "need --cluster" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_missing_profiles_dir_is_an_error(tmp_path: Path) -> None:
     cluster = write_cluster(tmp_path / "c.toml", {"d0": dead_endpoint()})
     result = cli("edgepipe-compile", TINY, "--cluster", str(cluster), "--profiles-dir", str(tmp_path / "nope"),
                  "-o", str(tmp_path / "out"))
-    assert result.returncode == 1 and "--profiles-dir" in result.stderr and "no such directory" in result.stderr
+    assert result.returncode == 2 and "--profiles-dir" in result.stderr and "no such directory" in result.stderr
