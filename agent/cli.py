@@ -241,8 +241,9 @@ def daemon_cmd(
     authorized_keys: list[str] = typer.Option([], "--authorized-keys", help="Workstation keys allowed to operate "
                                               "this device: a key list file, a .key file, a directory or a Z85 "
                                               "key; repeatable [KEYS/authorized_keys]."),
-    insecure: bool = typer.Option(False, "--insecure", help="No CurveZMQ: anyone who can reach the port may "
-                                  "deploy and run code here. Only on an isolated network, for testing."),
+    insecure: bool = typer.Option(False, "--insecure", metavar="",
+                                  help="No CurveZMQ: anyone who can reach the port may deploy and run code here. "
+                                  "Only on an isolated network, for testing."),
     threads: int = typer.Option(1, "--threads", min=1, help="Default ONNX Runtime threads for profiling."),
     max_request_mb: float = typer.Option(512.0, "--max-request-mb", help="Largest request accepted (profiling "
                                          "bundles travel in one request)."),
@@ -335,8 +336,9 @@ def unit_cmd(
                               "authorized_keys)."),
     listen: str = typer.Option("tcp://*:5560", "--listen", help="The daemon's --listen."),
     device: str = typer.Option("%H", "--device", help="The device's name in the cluster file (%H: the host name)."),
-    install: bool = typer.Option(False, "--install", help="Write /etc/systemd/system/edgepipe-agent.service "
-                                 "(needs root) instead of printing it."),
+    install: bool = typer.Option(False, "--install", metavar="",
+                                 help="Write /etc/systemd/system/edgepipe-agent.service (needs root) instead of "
+                                 "printing it."),
 ) -> None:
     """Print (or install) the systemd unit that runs `edgepipe-agent daemon` on this device.
 

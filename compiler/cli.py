@@ -97,9 +97,9 @@ def compile_command(
     profile_bundle: Annotated[Path | None, typer.Option(
         help="Write the profiling bundle (one piece per distinct segment) to this dir and stop.")] = None,
     key: Annotated[Path | None, typer.Option("--key", help=(
-        "With --profile/--probe-links: this workstation's secret key [$EDGEPIPE_KEYS or ~/.config/edgepipe/keys, "
-        "workstation.key_secret]."))] = None,
-    insecure: Annotated[bool, typer.Option("--insecure", help=(
+        "With --profile/--probe-links: this workstation's secret key (default: workstation.key_secret in "
+        "$EDGEPIPE_KEYS or ~/.config/edgepipe/keys)."))] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", metavar=FLAG, help=(
         "With --profile/--probe-links: talk to daemons started with --insecure (plaintext, no "
         "authentication)."))] = False,
     opset: Annotated[int, typer.Option(help="ONNX opset for the export.")] = DEFAULT_OPSET,

@@ -28,12 +28,22 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 console = Console()
 err = Console(stderr=True)
 
+FLAG = ""  # metavar of on/off flags: no "<bool>" in --help
 KeyOpt = Annotated[Path | None, typer.Option("--key", help="This workstation's secret key "
                                              "[$EDGEPIPE_KEYS or ~/.config/edgepipe/keys, workstation.key_secret].")]
-InsecureOpt = Annotated[bool, typer.Option("--insecure", help="Talk to daemons started with --insecure "
+InsecureOpt = Annotated[bool, typer.Option("--insecure", metavar=FLAG, help="Talk to daemons started with --insecure "
                                            "(plaintext, no authentication). Testing only.")]
 ClusterOpt = Annotated[Path | None, typer.Option("--cluster", help="Cluster file [BUILD/cluster.toml].")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+def _show_help(ctx: typer.Context, value: bool) -> None:
+    if value:
+        typer.echo(ctx.get_help())
+        raise typer.Exit()
+
+
+# Each command's own --help, so that it too shows no "<bool>" column.
+HelpOpt = Annotated[bool, typer.Option("--help", metavar=FLAG, is_eager=True, callback=_show_help,
+                                       expose_value=False, help="Show this message and exit.")]
+JsonOpt = Annotated[bool, typer.Option("--json", metavar=FLAG, help="Print JSON instead of tables.")]
 
 
 class BadInput(Exception):
@@ -70,7 +80,7 @@ def _load(build_dir: Path, cluster: Path | None, devices: str | None, insecure: 
 
 # -- deploy --------------------------------------------------------------------------------------------
 
-@app.command("deploy")
+@app.command("deploy", context_settings={"help_option_names": []})
 def deploy_cmd(
     build_dir: Annotated[Path, typer.Argument(help="Compile output: stage-K bundles, plan.json, cluster.toml.")],
     cluster: ClusterOpt = None,
@@ -78,17 +88,19 @@ def deploy_cmd(
                                                 "(instead of the plan's).")] = None,
     key: KeyOpt = None,
     insecure: InsecureOpt = False,
-    replace: Annotated[bool, typer.Option("--replace", help="Take over devices that serve another "
+    replace: Annotated[bool, typer.Option("--replace", metavar=FLAG, help="Take over devices that serve another "
                                           "deployment (its stages there are stopped).")] = False,
     threads: Annotated[int, typer.Option("--threads", min=1, help="ONNX Runtime threads per stage.")] = 1,
     max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Largest microbatch accepted.")] = 256,
-    no_drain: Annotated[bool, typer.Option("--no-drain", help="Kill replaced stages at once instead of "
+    no_drain: Annotated[bool, typer.Option("--no-drain", metavar=FLAG, help="Kill replaced stages at once instead of "
                                            "letting them send on their in-flight work.")] = False,
     endpoints: Annotated[Path | None, typer.Option("--endpoints", help="Where to write the endpoints file "
                                                    "[BUILD/endpoints.json].")] = None,
     timeout_s: Annotated[float, typer.Option("--timeout-s", help="How long stages may take to get ready.")] = 180.0,
-    watch: Annotated[bool, typer.Option("--watch", help="Then keep supervising (see `supervise`).")] = False,
+    watch: Annotated[bool, typer.Option("--watch", metavar=FLAG,
+                                        help="Then keep supervising (see `supervise`).")] = False,
     as_json: JsonOpt = False,
+    _help: HelpOpt = False,
 ) -> None:
     """Deploy a build: send the bundles, wire and start the stages, write endpoints.json.
 
@@ -179,13 +191,14 @@ def _print_outcome(outcome: Any) -> None:
 
 # -- status ---------------------------------------------------------------------------------------------
 
-@app.command("status")
+@app.command("status", context_settings={"help_option_names": []})
 def status_cmd(
     build_dir: Annotated[Path, typer.Argument(help="The deployed build directory.")],
     cluster: ClusterOpt = None,
     key: KeyOpt = None,
     insecure: InsecureOpt = False,
     as_json: JsonOpt = False,
+    _help: HelpOpt = False,
 ) -> None:
     """Show every device and stage: state, requests, throughput, queue, heartbeat, errors.
 
@@ -258,16 +271,18 @@ def _print_status(doc: dict[str, Any]) -> None:
 
 # -- stop -----------------------------------------------------------------------------------------------
 
-@app.command("stop")
+@app.command("stop", context_settings={"help_option_names": []})
 def stop_cmd(
     build_dir: Annotated[Path, typer.Argument(help="The deployed build directory.")],
     cluster: ClusterOpt = None,
     key: KeyOpt = None,
     insecure: InsecureOpt = False,
-    no_drain: Annotated[bool, typer.Option("--no-drain", help="Kill the stages instead of draining them.")] = False,
+    no_drain: Annotated[bool, typer.Option("--no-drain", metavar=FLAG,
+                                           help="Kill the stages instead of draining them.")] = False,
     timeout_s: Annotated[float, typer.Option("--timeout-s", help="Per device: how long its stages may take "
                                              "to drain.")] = 60.0,
     as_json: JsonOpt = False,
+    _help: HelpOpt = False,
 ) -> None:
     """Stop the deployment, draining each stage into the next, first to last.
 
@@ -295,17 +310,20 @@ def stop_cmd(
 
 # -- supervise and standby -----------------------------------------------------------------------------
 
-@app.command("supervise")
+@app.command("supervise", context_settings={"help_option_names": []})
 def supervise_cmd(
     build_dir: Annotated[Path, typer.Argument(help="The deployed build directory.")],
     cluster: ClusterOpt = None,
     key: KeyOpt = None,
     insecure: InsecureOpt = False,
-    standby: Annotated[bool, typer.Option("--standby/--no-standby", help="Make and pre-send the bundles for "
+    standby: Annotated[bool, typer.Option("--standby/--no-standby", metavar=FLAG,
+                                          help="Make and pre-send the bundles for "
                                           "every single-device loss (in the background).")] = True,
-    verify_standby: Annotated[bool, typer.Option("--verify-standby/--no-verify-standby", help="Check standby "
+    verify_standby: Annotated[bool, typer.Option("--verify-standby/--no-verify-standby", metavar=FLAG,
+                                                 help="Check standby "
                                                  "bundles against the whole model, as compile does.")] = True,
-    take_back: Annotated[bool, typer.Option("--take-back/--no-take-back", help="When a lost device answers "
+    take_back: Annotated[bool, typer.Option("--take-back/--no-take-back", metavar=FLAG,
+                                            help="When a lost device answers "
                                             "again, go back to the plan that uses it.")] = True,
     loss_s: Annotated[float, typer.Option("--loss-s", help="Silence after which a device is lost.")] = 1.5,
     take_back_after_s: Annotated[float, typer.Option("--take-back-after-s", help="How long a returned device "
@@ -313,6 +331,7 @@ def supervise_cmd(
     threads: Annotated[int, typer.Option("--threads", min=1, help="ONNX Runtime threads per stage.")] = 1,
     max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Largest microbatch accepted.")] = 256,
     events: Annotated[Path | None, typer.Option("--events", help="Append every event as a JSON line here.")] = None,
+    _help: HelpOpt = False,
 ) -> None:
     """Keep the deployment running: fail over when a device is lost, take it back when it returns.
 
@@ -345,15 +364,17 @@ def supervise_cmd(
         err.print("supervision stopped (the deployment keeps running)")
 
 
-@app.command("standby")
+@app.command("standby", context_settings={"help_option_names": []})
 def standby_cmd(
     build_dir: Annotated[Path, typer.Argument(help="The deployed build directory.")],
     cluster: ClusterOpt = None,
     key: KeyOpt = None,
     insecure: InsecureOpt = False,
-    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check the bundles against the whole "
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", metavar=FLAG,
+                                         help="Check the bundles against the whole "
                                          "model.")] = True,
     as_json: JsonOpt = False,
+    _help: HelpOpt = False,
 ) -> None:
     """Make and pre-send the standby bundles for every single-device loss, then exit.
 
