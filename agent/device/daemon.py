@@ -123,8 +123,8 @@ DEFAULT_DATA_PORTS = (5550, 5599)
 @dataclass(frozen=True)
 class ControlConfig:
     """A plain control endpoint without store or stages: what ``edgepipe-agent serve --control``
-    answers (status, probe, echo) about the running stage. ``status_hook`` adds fields to the
-    status reply (the stage runtime's counters, under ``stage``)."""
+    answers (status, probe, echo) about the running stage. ``stage_status`` gives the stage
+    runtime's counters, sent under ``stage`` in the status reply."""
 
     listen: str
     device: str
@@ -132,7 +132,7 @@ class ControlConfig:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     ready_file: Path | None = None
     commands: tuple[str, ...] = ("status", "ping", "probe", "echo")
-    status_hook: Callable[[], dict[str, Any]] | None = None
+    stage_status: Callable[[], dict[str, Any]] | None = None  # a serving agent's counters
 
 
 def start_control_thread(config: ControlConfig, stop: threading.Event) -> threading.Thread:
@@ -180,8 +180,8 @@ def handle(config: ControlConfig, ctx: zmq.Context, frames: Sequence[Any]) -> li
             raise BadRequest(f"command {command!r} is not offered here (offered: {', '.join(config.commands)})")
         if command in ("status", "ping"):
             body = status_facts(config.device, config.threads, config.max_request_bytes, config.commands)
-            if config.status_hook is not None:
-                body.update(config.status_hook())
+            if config.stage_status is not None:
+                body["stage"] = config.stage_status()
         elif command == "echo":
             body = {"bytes": sum(len(f) for f in raw)}
         else:
