@@ -310,7 +310,7 @@ class DeviceDaemon:
         self.preparing: frozenset[str] = frozenset()  # objects a running prepare reads: never evicted
         self.operators = self._load_operators()
         self.keys_changed = True
-        self.asker: str | None = None  # the key of the request being handled
+        self._request = threading.local()  # the asker's key, per thread (the loop and the slow worker)
 
     # -- lifetime -----------------------------------------------------------------------------------
 
@@ -364,7 +364,7 @@ class DeviceDaemon:
                ctx: zmq.Context) -> dict[str, Any]:
         command = header["cmd"]
         check_role(role, command)
-        self.asker = asker
+        self._request.asker = asker
         handler = getattr(self, f"_cmd_{command}")
         body = handler(header, raw, ctx) if command in ("profile", "probe") else handler(header, raw)
         if command in ("prepare", "start", "stop", "revert", "publish", "pin", "peers"):
@@ -536,7 +536,8 @@ class DeviceDaemon:
         kept = sorted(i for i in launches if self.state.running and i in running and old_launches.get(i) == launches[i])
         previous = old if old is not None and (old.deployment, old.generation) != (deployment, generation) \
             else self.state.previous
-        self.state = replace(self.state, current=started, previous=previous, running=True, operator=self.asker,
+        self.state = replace(self.state, current=started, previous=previous, running=True,
+                             operator=getattr(self._request, "asker", None),
                              since=time.time() if started is not old else self.state.since)
         if self.prepared is target:
             self.prepared = None
@@ -649,6 +650,8 @@ class DeviceDaemon:
         _write_json(self.state_path, self.state.to_dict())
 
     def _forget_unused_bundles(self) -> None:
+        if self.preparing:
+            return  # a prepare on the worker thread is building bundles right now; tidy up next time
         keep = [i.bundle_dir for g in (self.state.current, self.state.previous, self.prepared) if g is not None
                 for i in g.instances]
         self.store.forget_bundles(keep)
@@ -714,6 +717,8 @@ class _SlowWorker:
             self.todo.put_nowait((route, role, asker, header, raw))
             return True
         except queue.Full:
+            if self.todo.empty():  # nothing of ours queued after all: do not keep its objects pinned
+                self.daemon.preparing = frozenset()
             return False
 
     def stop(self) -> None:

@@ -218,7 +218,7 @@ class BundleStore:
         """Remove built bundle directories not in ``keep`` (their objects stay in the store)."""
         kept = {Path(p).name for p in keep}
         for path in self.bundles.iterdir():
-            if path.is_dir() and path.name not in kept:
+            if path.is_dir() and path.name not in kept and not path.name.startswith("."):
                 shutil.rmtree(path, ignore_errors=True)
 
 
