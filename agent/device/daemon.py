@@ -710,15 +710,14 @@ class _SlowWorker:
         if header["cmd"] == "prepare" and isinstance(stages, list):
             try:
                 refs = [StageBundleRef.from_dict(s) for s in stages]
-                self.daemon.preparing = frozenset(h for r in refs for h in r.all_hashes)
+                # protected from eviction until the worker has nothing queued any more
+                self.daemon.preparing = self.daemon.preparing | {h for r in refs for h in r.all_hashes}
             except BadRequest:
                 pass  # the handler will say so
         try:
             self.todo.put_nowait((route, role, asker, header, raw))
             return True
         except queue.Full:
-            if self.todo.empty():  # nothing of ours queued after all: do not keep its objects pinned
-                self.daemon.preparing = frozenset()
             return False
 
     def stop(self) -> None:
@@ -729,7 +728,8 @@ class _SlowWorker:
         while (item := self.todo.get()) is not None:
             route, role, asker, header, raw = item
             reply = _dispatch(self.daemon, self.ctx, role, asker, header, raw)
-            self.daemon.preparing = frozenset()
+            if self.todo.empty():
+                self.daemon.preparing = frozenset()
             self.done.put((route, reply))
 
 
