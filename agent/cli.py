@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import typer
 from edgepipe.agent.device.session import SessionError, create_session
@@ -162,51 +164,83 @@ def profile_cmd(
     device: str = typer.Option(..., "--device", help="This device's name in the cluster file."),
     microbatch: str = typer.Option("1,8", "--microbatch", help="Microbatch sizes to time, e.g. 1,8."),
     threads: int = typer.Option(1, "--threads", min=1, help="ONNX Runtime intra-op threads (as when serving)."),
-    repeats: int = typer.Option(10, "--repeats", min=1, help="Timed runs per piece and size (median kept)."),
+    repeats: int = typer.Option(10, "--repeats", min=1,
+                                help="Rounds: timed runs per piece and size, taken round-robin over all of them."),
     warmup: int = typer.Option(2, "--warmup", min=0, help="Untimed runs first."),
+    comm: bool = typer.Option(True, "--comm/--no-comm",
+                              help="Also measure the runtime's own costs: encode, send, receive, decode."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Write the device profile JSON here."),
     as_json: bool = typer.Option(False, "--json", help="Print the profile as JSON instead of a table."),
 ) -> None:
-    """Time every segment of a model on this device: median compute per microbatch size, peak memory.
+    """Time every segment of a model on this device (and what moving tensors costs it).
 
-    Identical segments (every transformer block) share one piece and are timed once.
+    Identical segments (every transformer block) share one piece and are timed once. The timed runs
+    go round-robin over pieces and sizes; outliers are rejected (median +- 3 robust deviations) and
+    each segment's time is the mean of the rest. The table shows each time's spread; a warning says
+    when the device was too busy for the numbers to be trusted.
 
     Example: edgepipe-agent profile build/vitb-profile --device pi-a --microbatch 1,8 -o pi-a.json
     """
-    from edgepipe.agent.device.profiler import profile_bundle
+    from edgepipe.agent.device.commcost import CommError
+    from edgepipe.agent.device.profiler import profile_bundle, spread_warning
     from edgepipe.agent.formats.profiles import ProfileError, load_profile_bundle, profile_to_dict, save_profile
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     try:
         sizes = parse_sizes(microbatch, "--microbatch")
-        bundle = load_profile_bundle(bundle_dir)
-        with Progress(TextColumn("profiling pieces"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        load_profile_bundle(bundle_dir)
+        with Progress(TextColumn("profiling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=Console(stderr=True), transient=True, disable=as_json) as bar:
-            task = bar.add_task("profile", total=bundle.piece_count)
+            task = bar.add_task("profile", total=None)
             profile = profile_bundle(bundle_dir, device, sizes, threads, repeats, warmup,
-                                     on_piece=lambda done, _total: bar.update(task, completed=done + 1))
+                                     on_piece=lambda done, total: bar.update(task, completed=done, total=total),
+                                     comm=comm)
         if out is not None:
             save_profile(out, profile)
-    except (ProfileError, BundleError, SessionError, ValueError, OSError) as exc:
+    except (ProfileError, BundleError, SessionError, CommError, ValueError, OSError) as exc:
         raise _fail(str(exc)) from None
+    warning = spread_warning(profile)
+    if warning:
+        typer.echo(f"edgepipe-agent: warning: {warning}", err=True)
     if as_json:
         typer.echo(json.dumps(profile_to_dict(profile)))
         return
+    _print_profile(profile, out)
+
+
+def _print_profile(profile: Any, out: Path | None) -> None:
+    """The profile as tables: per-segment times and spreads, then the runtime's own costs."""
+    from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{profile.model_id} on {device} ({threads} thread(s), ONNX Runtime {profile.ort_version})")
+    sizes = sorted(profile.seconds)
+    table = Table(title=f"{profile.model_id} on {profile.device} ({profile.threads} thread(s), "
+                        f"ONNX Runtime {profile.ort_version}, {profile.repeats} rounds)")
     table.add_column("segment", no_wrap=True)
-    table.add_column("piece", justify="right")
     for mb in sizes:
         table.add_column(f"ms @ {mb}", justify="right")
+        table.add_column("spread", justify="right")
     table.add_column("peak MiB", justify="right")
     for i, name in enumerate(profile.segment_names):
-        table.add_row(name, str(bundle.segment_pieces[i]), *(f"{profile.seconds[mb][i] * 1000:.2f}" for mb in sizes),
-                      f"{profile.peak_memory_bytes[i] / 2**20:.1f}")
-    Console().print(table)
+        cells = []
+        for mb in sizes:
+            spread = profile.spread.get(mb, ())
+            cells += [f"{profile.seconds[mb][i] * 1000:.2f}", f"{spread[i]:.1%}" if spread else "-"]
+        table.add_row(name, *cells, f"{profile.peak_memory_bytes[i] / 2**20:.1f}")
+    console = Console()
+    console.print(table)
+    if profile.comm is not None:
+        comm = Table(title=f"runtime costs (CPU of this process; share of compute {profile.comm.share:.2f})")
+        for col in ("codec", "CURVE", "recv us/msg", "recv ns/B", "send us/msg", "send ns/B"):
+            comm.add_column(col, justify="right")
+        for c in profile.comm.costs:
+            comm.add_row(c.codec, "yes" if c.secure else "no", f"{c.recv_per_message_s * 1e6:.0f}",
+                         f"{c.recv_per_byte_s * 1e9:.3f}", f"{c.send_per_message_s * 1e6:.0f}",
+                         f"{c.send_per_byte_s * 1e9:.3f}")
+        console.print(comm)
     if out is not None:
-        Console().print(f"profile written to {out}")
+        console.print(f"profile written to {out}")
 
 
 def parse_port_range(text: str) -> tuple[int, int] | None:
@@ -359,6 +393,44 @@ def unit_cmd(
     except OSError as exc:
         raise _fail(f"cannot write {UNIT_PATH}: {exc.strerror} (run as root)") from None
     typer.echo(f"wrote {UNIT_PATH}; now: systemctl daemon-reload && systemctl enable --now edgepipe-agent")
+
+
+@app.command("metrics")
+def metrics_cmd(
+    control: str = typer.Option(..., "--control", help="The stage's control endpoint (serve --control), "
+                                "e.g. tcp://127.0.0.1:5560."),
+    listen: str = typer.Option("127.0.0.1:9101", "--listen", help="HOST:PORT to serve /metrics on."),
+    ready_file: Path | None = typer.Option(None, "--ready-file", help="Write {pid, url} JSON once serving."),
+) -> None:
+    """Serve a stage's counters in the Prometheus text format (needs: pip install 'edgepipe\\[metrics]').
+
+    At every scrape the stage's control endpoint is asked for its status; requests, errors, queue
+    depth, busy fraction and bytes in/out are published with the labels stage, device and model.
+    edgepipe_up is 0 while the stage does not answer. Runs until SIGTERM/SIGINT.
+
+    Example: edgepipe-agent metrics --control tcp://127.0.0.1:5560 --listen 0.0.0.0:9101
+    """
+    from edgepipe.agent.device.metrics import MetricsUnavailable, serve_metrics
+
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise _fail(f"--listen {listen!r}: expected HOST:PORT, e.g. 0.0.0.0:9101")
+    try:
+        server, _thread = serve_metrics(control, host, int(port))
+    except MetricsUnavailable as exc:
+        raise _fail(str(exc)) from None
+    except OSError as exc:
+        raise _fail(f"--listen {listen}: {exc.strerror or exc}") from None
+    url = f"http://{host}:{server.server_address[1]}/metrics"
+    if ready_file is not None:
+        ready_file.write_text(json.dumps({"pid": os.getpid(), "url": url}))
+    typer.echo(f"serving {url} for {control}", err=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass
+    server.shutdown()
 
 
 @app.command("keygen")

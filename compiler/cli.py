@@ -92,15 +92,20 @@ def compile_command(
         "With --cluster: device profiles (<device>.json) to reuse or write [OUT/profiles]."))] = None,
     profile_threads: Annotated[int, typer.Option(min=1, help="With --profile: ONNX Runtime threads per device "
                                                   "(as the agents will serve).")] = 1,
+    from_run: Annotated[Path | None, typer.Option("--from-run", metavar="RUN.json", help=(
+        "With --cluster: learn from a measured run (edgepipe-submit --report PLAN --trace RUN.json): update "
+        "the stored profiles of the run's devices with the compute times it measured (same model, device, "
+        "microbatch, ONNX Runtime version), re-plan, and say whether another plan would be faster and by "
+        "how much."))] = None,
     probe_links: Annotated[bool, typer.Option("--probe-links", metavar=FLAG, help=(
         "With --cluster: have the devices measure bandwidth and latency to each other."))] = False,
     profile_bundle: Annotated[Path | None, typer.Option(
         help="Write the profiling bundle (one piece per distinct segment) to this dir and stop.")] = None,
     key: Annotated[Path | None, typer.Option("--key", help=(
-        "With --profile/--probe-links: this workstation's secret key (default: workstation.key_secret in "
+        "With --profile/--probe-links/--from-run: this workstation's secret key (default: workstation.key_secret in "
         "$EDGEPIPE_KEYS or ~/.config/edgepipe/keys)."))] = None,
     insecure: Annotated[bool, typer.Option("--insecure", metavar=FLAG, help=(
-        "With --profile/--probe-links: talk to daemons started with --insecure (plaintext, no "
+        "With --profile/--probe-links/--from-run: talk to daemons started with --insecure (plaintext, no "
         "authentication)."))] = False,
     opset: Annotated[int, typer.Option(help="ONNX opset for the export.")] = DEFAULT_OPSET,
     verify: Annotated[bool, typer.Option(metavar=FLAG, help="Check chained stages reproduce the whole model.")] = True,
@@ -145,10 +150,10 @@ def compile_command(
         if cluster is not None:
             plan_obj = _plan_for_cluster(model, onnx, checkpoint, opset, cluster, microbatch, max_tensors,
                                          out, problem_out, as_json, profile=profile, profiles_dir=profiles_dir,
-                                         profile_threads=profile_threads, probe=probe_links, key=key,
-                                         insecure=insecure)
-        elif profile or probe_links or profiles_dir is not None:
-            raise CompileError("--profile, --profiles-dir and --probe-links need --cluster")
+                                         profile_threads=profile_threads, probe=probe_links, from_run=from_run,
+                                         key=key, insecure=insecure)
+        elif profile or probe_links or profiles_dir is not None or from_run is not None:
+            raise CompileError("--profile, --profiles-dir, --probe-links and --from-run need --cluster")
         elif plan is not None:
             from edgepipe.planner.plan import load_plan
 
@@ -254,11 +259,11 @@ def _cut_row(index, cut: Cut, segment) -> dict:
 
 def _plan_for_cluster(model, onnx, checkpoint, opset, cluster_path, microbatch, max_tensors, out,
                       problem_out, quiet, *, profile=False, profiles_dir=None, profile_threads=1, probe=False,
-                      key=None, insecure=False):
+                      from_run=None, key=None, insecure=False):
     import dataclasses
     import shutil
 
-    from edgepipe.compiler.planning import apply_profiles, load_device_profiles, usable_devices
+    from edgepipe.compiler.planning import apply_profiles, load_device_profiles, profile_warnings, usable_devices
     from edgepipe.planner.baselines import all_baselines
     from edgepipe.planner.cluster import load_cluster, problem_for
     from edgepipe.planner.explain import explain
@@ -274,7 +279,12 @@ def _plan_for_cluster(model, onnx, checkpoint, opset, cluster_path, microbatch, 
     spec = spec_for(loaded, cuts)
     profiles_dir = Path(profiles_dir) if profiles_dir is not None else Path(out) / "profiles"
     left_out: dict[str, str] = {}
-    keypair = _workstation_keypair(key, insecure) if profile or probe else None
+    keypair = _workstation_keypair(key, insecure) if profile or probe or from_run is not None else None
+    run = None
+    if from_run is not None:
+        if profile:
+            raise CompileError("--from-run learns from a run's measurements; do not combine it with --profile")
+        run = _learn_from_run(from_run, cluster, spec, profiles_dir, quiet, keypair)
     if profile or profiles_dir.is_dir():
         if profile:
             profiles, missing = _profile_devices(loaded, cuts, cluster, profiles_dir, microbatch, profile_threads,
@@ -285,6 +295,8 @@ def _plan_for_cluster(model, onnx, checkpoint, opset, cluster_path, microbatch, 
         missing.update({d: f"profile has no timings at microbatch {microbatch}" for d in short})
         profiles = [p for p in profiles if p.device not in short]
         cluster = apply_profiles(cluster, profiles)
+        for line in profile_warnings(profiles, microbatch):
+            err.print(f"[yellow]warning:[/yellow] {line}", highlight=False)
         cluster, left_out = usable_devices(cluster, microbatch)
         _print_profile_sources(cluster, profiles, missing, left_out, quiet)
     if probe:
@@ -304,7 +316,35 @@ def _plan_for_cluster(model, onnx, checkpoint, opset, cluster_path, microbatch, 
         shutil.copyfile(cluster_path, Path(out) / "cluster.toml")
     if not quiet:
         console.print(explain(problem, plan, all_baselines(problem, plan.microbatch)))
+    if run is not None:
+        from edgepipe.compiler.planning import compare_with_run, comparison_lines
+
+        for line in comparison_lines(compare_with_run(problem, run, plan)):
+            err.print(f"from run: {line}", highlight=False, markup=False)
     return plan
+
+
+def _learn_from_run(run_path: Path, cluster, spec, profiles_dir: Path, quiet: bool, keypair):
+    from edgepipe.agent.formats.profiles import ProfileError
+    from edgepipe.compiler.planning import learn_from_run
+
+    try:
+        run, observations = learn_from_run(run_path, cluster, spec, profiles_dir, keypair)
+    except ProfileError as exc:
+        raise CompileError(f"--from-run {run_path}: {exc}") from None
+    for o in observations:
+        if not o.updated:
+            err.print(f"[yellow]from run:[/yellow] {o.device}: profile not updated: {o.reason}", highlight=False)
+    if not quiet:
+        table = Table(title=f"Learned from {run_path} (compute per microbatch {observations[0].microbatch})")
+        for col in ("stage", "device", "segments", "profiled ms", "measured ms", "profile"):
+            table.add_column(col)
+        for o in observations:
+            profiled = f"{o.profiled_s * 1000:.1f}" if o.profiled_s is not None else "-"
+            table.add_row(str(o.stage), o.device, f"{o.first_segment}:{o.end_segment}", profiled,
+                          f"{o.measured_s * 1000:.1f}", ("updated " if o.updated else "not updated: ") + o.reason)
+        console.print(table)
+    return run
 
 
 def _workstation_keypair(key: Path | None, insecure: bool):

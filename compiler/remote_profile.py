@@ -21,7 +21,14 @@ from pathlib import Path
 from edgepipe.agent.control_client import auth_for, control_request, request_probe, request_profile, request_status
 from edgepipe.agent.formats.control import ControlError
 from edgepipe.agent.formats.keys import KeyPair
-from edgepipe.agent.formats.profiles import DeviceProfile, ProfileError, load_profile, load_profile_bundle, save_profile
+from edgepipe.agent.formats.profiles import (
+    PROFILE_VERSION,
+    DeviceProfile,
+    ProfileError,
+    load_profile,
+    load_profile_bundle,
+    save_profile,
+)
 from edgepipe.compiler.planning import profile_path
 from edgepipe.planner.cluster import Cluster
 from edgepipe.planner.problem import Device, Link
@@ -80,7 +87,7 @@ def expected_key(model_sha256: str, device: str, microbatches: Sequence[int], or
 
 
 def profile_device(device: Device, bundle_dir: Path, out_dir: Path, microbatches: Sequence[int], threads: int,
-                   timeout_s: float, model_sha256: str, access: Access) -> DeviceOutcome:
+                   timeout_s: float, model_sha256: str, access: Access, repeats: int = 10) -> DeviceOutcome:
     """Reuse or measure one device's profile; never raises for the device's own failures."""
     try:
         endpoint = control_endpoint(device, access)
@@ -91,11 +98,11 @@ def profile_device(device: Device, bundle_dir: Path, out_dir: Path, microbatches
         if path.is_file():
             try:
                 stored = load_profile(path)
-                if stored.key() == want:
+                if stored.key() == want and stored.format_version == PROFILE_VERSION:  # v1: no comm costs
                     return DeviceOutcome(device.name, stored, "reused")
             except ProfileError:
                 pass  # unreadable or foreign: measure again and overwrite
-        profile = request_profile(endpoint, bundle_dir, device.name, microbatches, threads, auth=auth,
+        profile = request_profile(endpoint, bundle_dir, device.name, microbatches, threads, repeats=repeats, auth=auth,
                                   timeout_s=timeout_s)
         if profile.key() != want:
             return DeviceOutcome(device.name, None, f"{device.name}: the device returned a profile for "
@@ -108,7 +115,8 @@ def profile_device(device: Device, bundle_dir: Path, out_dir: Path, microbatches
 
 def profile_cluster(cluster: Cluster, profile_bundle_dir: Path, out_dir: Path, microbatches: Sequence[int],
                     threads: int = 1, timeout_s: float = 600.0, parallel: bool = False,
-                    on_device: Callable[[DeviceOutcome], None] | None = None, *, keypair: KeyPair | None,
+                    on_device: Callable[[DeviceOutcome], None] | None = None, repeats: int = 10, *,
+                    keypair: KeyPair | None,
                     ) -> tuple[list[DeviceProfile], dict[str, str]]:
     """Every device's profile (reused or measured) and, per device without one, why not.
 
@@ -120,7 +128,7 @@ def profile_cluster(cluster: Cluster, profile_bundle_dir: Path, out_dir: Path, m
 
     def one(device: Device) -> DeviceOutcome:
         outcome = profile_device(device, Path(profile_bundle_dir), Path(out_dir), microbatches, threads,
-                                 timeout_s, bundle.model_sha256, access)
+                                 timeout_s, bundle.model_sha256, access, repeats)
         if on_device is not None:
             on_device(outcome)
         return outcome

@@ -28,6 +28,7 @@ from typing import Any
 
 import emulate
 import typer
+from edgepipe.agent.formats.profiles import load_profile
 from edgepipe.agent.local import stop_processes
 from rich.console import Console
 from rich.table import Table
@@ -70,7 +71,7 @@ def wait_ready(proc: subprocess.Popen, ready: Path, log: Path, what: str, timeou
 
 
 def run_one(model: str, n: int, cpu: float, microbatch: int, count: int, warmup: int, work: Path,
-            log: Console) -> dict[str, Any]:
+            log: Console, trace: Path | None = None) -> dict[str, Any]:
     devices = [f"dev{i}" for i in range(n)]
     spec = ClusterSpec(name=f"bp{os.getpid() % 10000}n{n}", source="bench_prediction", warnings=(),
                        devices=tuple(DeviceSpec(d, cpu, None, 2 << 30, 1_000_000_000) for d in devices))
@@ -119,11 +120,15 @@ def run_one(model: str, n: int, cpu: float, microbatch: int, count: int, warmup:
                        bed.endpoint(stages[-1]["device"], RESULTS_PORT), "--bundle", str(out / "build" / "stage-0"),
                        "-b", str(microbatch), "-n", str(count), "--warmup", str(warmup), "--timeout-s", "300",
                        "--report", str(out / "build" / "plan.json"), "--json"]
+        if trace is not None:
+            trace.parent.mkdir(parents=True, exist_ok=True)
+            submit_argv += ["--trace", str(trace)]
         submitted = subprocess.run(submit_argv, capture_output=True, text=True)
         stop_processes(agents, timeout_s=60)
         if submitted.returncode != 0:
             raise BenchError(f"edgepipe-submit failed: {submitted.stderr.strip()[-500:]}")
         report = json.loads(submitted.stdout)
+    profiles = {d: load_profile(out / "build" / "profiles" / f"{d}.json") for d in devices}
     return {"stages": n, "cpu": cpu, "plan_stages": len(stages), "devices": [s["device"] for s in stages],
             "cuts": [s["cut_out"] for s in stages[:-1]], "profile_and_plan_s": plan_s,
             "predicted_throughput": report["prediction"]["predicted_throughput"],
@@ -133,6 +138,8 @@ def run_one(model: str, n: int, cpu: float, microbatch: int, count: int, warmup:
             "predicted_bottleneck": report["prediction"]["predicted_bottleneck"],
             "measured_bottleneck": report["prediction"]["measured_bottleneck"],
             "per_stage": report["prediction"]["stages"], "warnings": report["prediction"]["warnings"],
+            "profile_max_spread": {d: p.max_spread(microbatch) for d, p in profiles.items()},
+            "comm_share": {d: p.comm.share if p.comm else None for d, p in profiles.items()},
             "submit_command": " ".join(submit_argv)}
 
 
@@ -146,7 +153,9 @@ def main(model: str = typer.Option("vit_base_patch16_224", help="Registry model 
          count: int = typer.Option(12, min=3, help="Measured microbatches per run."),
          warmup: int = typer.Option(2, min=0, help="Microbatches sent first and not measured."),
          repeats: int = typer.Option(1, min=1, help="Runs per stage count (each profiles, plans and measures anew)."),
-         json_out: Path = typer.Option(None, "--json", help="Also write the results here as JSON.")) -> None:
+         json_out: Path = typer.Option(None, "--json", help="Also write the results here as JSON."),
+         traces: Path = typer.Option(None, "--traces", help="Write each run's trace (edgepipe-submit --trace) "
+                                     "into this directory.")) -> None:
     """Predicted vs measured throughput of pipelines planned from profiles the agents measured.
 
     \b
@@ -167,8 +176,9 @@ def main(model: str = typer.Option("vit_base_patch16_224", help="Registry model 
         try:
             for rep in range(repeats):
                 for n in counts:
+                    trace = traces / f"prediction-{n}-stages-run-{rep}.json" if traces is not None else None
                     row = run_one(model, n, min(cpu, cpu_budget / n), microbatch, count, warmup,
-                                  Path(tmp) / f"run-{rep}", err)
+                                  Path(tmp) / f"run-{rep}", err, trace)
                     rows.append({"repeat": rep, **row})
         except (BenchError, TestbedError, emulate.EmulationError, OSError) as exc:
             err.print(f"error: {exc}", markup=False, highlight=False)
@@ -182,13 +192,14 @@ def main(model: str = typer.Option("vit_base_patch16_224", help="Registry model 
     m = result["machine"]
     table = Table(title=f"{model}: predicted vs measured, microbatch {microbatch}; {m['cpu_model']}, {m['cpus']} cpus")
     for col in ("run", "stages", "cores/device", "devices", "cuts", "predicted /s", "measured /s", "error",
-                "bottleneck pred / meas"):
+                "bottleneck pred / meas", "max profile spread"):
         table.add_column(col, justify="left" if col in ("devices", "cuts") else "right")
     for r in rows:
         table.add_row(str(r["repeat"]), str(r["plan_stages"]), f"{r['cpu']:g}", ",".join(r["devices"]),
                       ",".join(r["cuts"]) or "-",
                       f"{r['predicted_throughput']:.2f}", f"{r['measured_throughput']:.2f}",
-                      f"{r['throughput_error_pct']:+.1f}%", f"{r['predicted_bottleneck']} / {r['measured_bottleneck']}")
+                      f"{r['throughput_error_pct']:+.1f}%", f"{r['predicted_bottleneck']} / {r['measured_bottleneck']}",
+                      f"{max(r['profile_max_spread'].values(), default=0):.1%}")
     console.print(table)
     stage_table = Table(title="per stage (ms per microbatch)")
     for col in ("run", "stages", "stage", "device", "compute pred", "compute meas", "error", "send pred", "send meas"):

@@ -3,7 +3,12 @@
 One agent per stage, each started inside its planned device (network namespace, tbf-shaped link,
 cgroup CPU quota and memory limit); the client runs in the root namespace. Returns throughput
 (steady state, pipeline fill excluded), every output (for checking against the whole model), the
-per-stage medians from the agents' traces, and each agent's peak memory.
+per-stage compute from the agents' records (median and the profiler's robust mean), each agent's
+peak memory and the results themselves (for a trace: agent/client/trace.py).
+
+``profile_on_bed`` has the devices profile themselves first (``edgepipe-agent control`` in each
+device, profiled through the network from the root namespace, as ``edgepipe-compile --profile``
+does), so a benchmark predicts from what the devices measured.
 """
 
 from __future__ import annotations
@@ -15,16 +20,19 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from edgepipe.agent.client import Client
+from edgepipe.agent.device.profiler import robust_summary
 from edgepipe.agent.formats.bundle import read_manifest
+from edgepipe.agent.local import stop_processes
 from testbed import Testbed
 
-DATA_PORT, RESULTS_PORT = 5550, 5551
+DATA_PORT, RESULTS_PORT, CONTROL_PORT = 5550, 5551, 5560
 AGENT = str(Path(sys.executable).parent / "edgepipe-agent")
 
 
@@ -37,18 +45,29 @@ class PipelineRun:
     peak_rss_bytes: list[int] = field(default_factory=list)
     cgroup_peak_bytes: list[int] = field(default_factory=list)
     oom_kills: list[int] = field(default_factory=list)
+    stage_compute_mean_s: list[float] = field(default_factory=list)  # outliers rejected, as profiles
+    results: list[Any] = field(default_factory=list)  # the client's Result objects
+    handed_at: list[float] = field(default_factory=list)  # when each result was handed over
 
 
 def run_on_testbed(cluster_path: Path, bundle_dirs: list[Path], stage_devices: list[str],
                    batches: list[np.ndarray], threads: int = 1, warmup: int = 1,
                    timeout_s: float = 600.0, workdir: Path | None = None) -> PipelineRun:
-    """Serve ``bundle_dirs`` on ``stage_devices`` and push ``batches`` through (the first ``warmup``
-    batches are sent first and not timed)."""
+    """Bring up a testbed for ``cluster_path`` and run the pipeline on it (``run_on_bed``)."""
+    with Testbed(cluster_path, name=f"bench-{uuid.uuid4().hex[:8]}") as bed:
+        return run_on_bed(bed, bundle_dirs, stage_devices, batches, threads, warmup, timeout_s, workdir)
+
+
+def run_on_bed(bed: Testbed, bundle_dirs: list[Path], stage_devices: list[str], batches: list[np.ndarray],
+               threads: int = 1, warmup: int = 1, timeout_s: float = 600.0, workdir: Path | None = None
+               ) -> PipelineRun:
+    """Serve ``bundle_dirs`` on ``stage_devices`` of a testbed that is up and push ``batches``
+    through (the first ``warmup`` batches are sent first and not timed); the agents stop after."""
     workdir = Path(workdir or bundle_dirs[0].parent).resolve()
     first = read_manifest(bundle_dirs[0]).inputs[0]
     n = len(stage_devices)
-    with Testbed(cluster_path, name=f"bench-{uuid.uuid4().hex[:8]}") as bed:
-        procs: dict[int, subprocess.Popen] = {}
+    procs: dict[int, subprocess.Popen] = {}
+    try:
         ready = [workdir / f"ready-{i}.json" for i in range(n)]
         for i in reversed(range(n)):  # each agent needs the next one's address
             name = stage_devices[i]
@@ -63,16 +82,21 @@ def run_on_testbed(cluster_path: Path, bundle_dirs: list[Path], stage_devices: l
             procs[i] = bed.run_in(name, argv, stderr=subprocess.PIPE, text=True)
         _wait_ready(ready, list(procs.values()))
         entry, exit_ = bed.endpoint(stage_devices[0], DATA_PORT), bed.endpoint(stage_devices[-1], RESULTS_PORT)
+        handed: list[float] = []
         with Client(entry, exit_, timeout_s=timeout_s, window=n + 2) as client:
             for batch in batches[:warmup]:
                 client.run({first.name: batch})
-            results = list(client.results({first.name: b} for b in batches[warmup:]))
+            results = []
+            for result in client.results({first.name: b} for b in batches[warmup:]):
+                handed.append(time.time())
+                results.append(result)
         done = [r for r in results]
         arrivals = sorted(r.trace[-1].send for r in done if r.trace)
         samples = sum(len(b) for b in batches[warmup + 1:])
         # Steady state: from the first result to the last, the samples of all but the first.
         span = arrivals[-1] - arrivals[0] if len(arrivals) > 1 else float("nan")
         compute = [statistics.median(r.trace[i].compute_s for r in done) for i in range(n)]
+        mean = [robust_summary([r.trace[i].compute_s for r in done]).mean for i in range(n)]
         run = PipelineRun(
             throughput=samples / span if span and span > 0 else float("nan"),
             outputs=[next(iter(r.outputs.values())) for r in done],
@@ -81,8 +105,30 @@ def run_on_testbed(cluster_path: Path, bundle_dirs: list[Path], stage_devices: l
             peak_rss_bytes=[_status(procs[i].pid).get("VmHWM", 0) for i in range(n)],
             cgroup_peak_bytes=[bed.peak_memory(name) for name in stage_devices],
             oom_kills=[bed.oom_kills(name) for name in stage_devices],
+            stage_compute_mean_s=mean, results=results, handed_at=handed,
         )
+    finally:
+        stop_processes(list(procs.values()), timeout_s=60)
     return run
+
+
+def start_controls(bed: Testbed, devices: list[str], workdir: Path, port: int = CONTROL_PORT,
+                   threads: int = 1) -> list[subprocess.Popen]:
+    """``edgepipe-agent control`` in each device (the profiling daemon), started and ready."""
+    procs = []
+    try:
+        for d in devices:
+            ready = workdir / f"control-{d}.json"
+            ready.unlink(missing_ok=True)
+            log = (workdir / f"control-{d}.log").open("w")
+            procs.append(bed.run_in(d, [AGENT, "control", "--listen", bed.endpoint(d, port), "--device", d,
+                                        "--threads", str(threads), "--ready-file", str(ready)],
+                                    stdout=log, stderr=subprocess.STDOUT))
+        _wait_ready([workdir / f"control-{d}.json" for d in devices], procs)
+    except BaseException:
+        stop_processes(procs, timeout_s=30)
+        raise
+    return procs
 
 
 def _status(pid: int) -> dict[str, int]:
@@ -104,7 +150,8 @@ def _wait_ready(ready_files: list[Path], procs: list[subprocess.Popen], timeout_
     while not all(p.exists() for p in ready_files):
         for proc in procs:
             if proc.poll() is not None:
-                raise RuntimeError(f"an agent exited with {proc.returncode}: {proc.stderr.read()[-500:]}")
+                tail = proc.stderr.read()[-500:] if proc.stderr else ""
+                raise RuntimeError(f"an agent exited with {proc.returncode}: {tail}")
         if time.monotonic() > deadline:
             raise RuntimeError(f"agents not ready after {timeout_s:.0f} s")
         time.sleep(0.2)

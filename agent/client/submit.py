@@ -198,11 +198,18 @@ def submit(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     plan: Path | None = typer.Option(None, "--report", metavar="PLAN.json",
                                      help="Compare with this plan: predicted vs measured per stage."),
+    trace: Path | None = typer.Option(None, "--trace", metavar="FILE.json",
+                                      help="Write a timeline of the run (Chrome/Perfetto trace: one track per "
+                                           "stage; open in ui.perfetto.dev or draw with tools/plot_trace.py)."),
 ) -> None:
     """Send microbatches to a pipeline; print throughput and latency p50/p95/p99.
 
     With --report PLAN.json (the plan the stages were compiled from), also print each stage's
     predicted vs measured compute and send time, the throughput error and the bottleneck.
+
+    With --trace FILE.json, write the run as a trace: per stage, each microbatch's receive, wait,
+    compute and send; the client's submits and results. The file also keeps the raw records (and
+    the plan, with --report) for `edgepipe-compile ... --from-run FILE.json`.
 
     Example: edgepipe-submit tcp://dev0:5550 tcp://dev2:5551 --bundle stage-0 --random -b 8 -n 32
     """
@@ -217,7 +224,8 @@ def submit(
 
     try:
         with Client(entry, exit_, window=window, timeout_s=timeout_s, retries=retries) as client:
-            outcomes, wall = _run_with_progress(client, batches, warmup, quiet=as_json)
+            handed: list[float] = []  # when each result was handed over: the trace's client times
+            outcomes, wall = _run_with_progress(client, batches, warmup, quiet=as_json, handed=handed)
             report = make_report(outcomes, batches, wall, client)
     except (ClientError, ValueError) as exc:
         raise _fail(str(exc), code=1) from None
@@ -226,6 +234,13 @@ def submit(
             save_outputs(save, outcomes)
         except (SubmitError, OSError) as exc:
             raise _fail(str(exc), code=1) from None
+    if trace is not None:
+        from edgepipe.agent.client.trace import TraceError, write_traced_outcomes
+
+        try:
+            write_traced_outcomes(trace, outcomes, handed, samples_in(batches[0]), plan)
+        except (TraceError, OSError) as exc:
+            raise _fail(f"--trace {trace}: {exc}", code=1) from None
     compared = None
     if prediction is not None:
         traces = [o.trace for o in outcomes if isinstance(o, Result)]
@@ -257,15 +272,22 @@ def load_requests(bundle: Path | None, shape: str | None, dtype: str, npy: list[
 
 
 def _run_with_progress(client: Client, batches: list[Request], warmup: int,
-                       quiet: bool) -> tuple[list[Result | ClientError], float]:
+                       quiet: bool, handed: list[float]) -> tuple[list[Result | ClientError], float]:
+    def stamp(_outcome: Outcome) -> None:
+        handed.append(time.time())
+
     if quiet:
-        return submit_all(client, batches, warmup)
+        return submit_all(client, batches, warmup, stamp)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("submitting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   transient=True) as progress:
         task = progress.add_task("submit", total=len(batches))
-        return submit_all(client, batches, warmup, lambda _: progress.advance(task))
+        def advance(outcome: Outcome) -> None:
+            stamp(outcome)
+            progress.advance(task)
+
+        return submit_all(client, batches, warmup, advance)
 
 
 def _floats(text: str, option: str) -> tuple[float, ...]:

@@ -5,10 +5,12 @@ A *profiling bundle* (written by ``edgepipe-compile --profile-bundle``) is a dir
 stage-bundle format, hash-checked on load). Segments with identical structure (every transformer
 block of a ViT) share one piece, so a 32-block model is profiled by running a handful of pieces.
 
-A *device profile* (written by ``edgepipe-agent profile``) holds, per microbatch size, the median
-compute seconds of every segment and each segment's peak memory. It is keyed by what makes it
-valid: model hash, device, microbatch sizes, dtype, ONNX Runtime version and thread count; a
-profile whose key differs from the current one is never silently reused.
+A *device profile* (written by ``edgepipe-agent profile``) holds, per microbatch size, the compute
+seconds of every segment (mean of the timed runs left after outliers are rejected), their spread,
+each segment's peak memory, and (version 2) what the runtime's own communication costs on the
+device. It is keyed by what makes it valid: model hash, device, microbatch sizes, dtype, ONNX
+Runtime version and thread count; a profile whose key differs from the current one is never
+silently reused. Version 1 profiles are still read (no spread, no communication costs).
 
 Both formats are documented in docs/formats/profile.md. Standard library only: devices load this.
 """
@@ -16,13 +18,16 @@ Both formats are documented in docs/formats/profile.md. Standard library only: d
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 PROFILE_BUNDLE_FORMAT = "edgepipe.profile-bundle"
 PROFILE_FORMAT = "edgepipe.profile"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # the profiling bundle's
+PROFILE_VERSION = 2  # the device profile's; version 1 is still read
+READABLE_PROFILE_VERSIONS = (1, 2)
 PROFILE_BUNDLE_MANIFEST = "profile-bundle.json"
 
 
@@ -45,6 +50,57 @@ class ProfileBundle:
 
 
 @dataclass(frozen=True)
+class CommCost:
+    """CPU seconds the agent's own process spends per message and per byte moving tensors in one
+    codec, with or without CURVE. Bytes are the uncompressed tensor bytes (what the planner's
+    ``out_bytes`` count), whatever the codec: a codec's effect is in its coefficients."""
+
+    codec: str
+    secure: bool
+    recv_per_message_s: float  # receive + decode
+    recv_per_byte_s: float
+    send_per_message_s: float  # encode + send
+    send_per_byte_s: float
+
+    def recv_s(self, nbytes: float) -> float:
+        return self.recv_per_message_s + self.recv_per_byte_s * nbytes
+
+    def send_s(self, nbytes: float) -> float:
+        return self.send_per_message_s + self.send_per_byte_s * nbytes
+
+
+@dataclass(frozen=True)
+class CommProfile:
+    """The runtime's own costs on a device, and how much of them lengthens compute.
+
+    ``share`` is (compute_with_comm_s - compute_alone_s) / comm_cpu_s: the fraction of the CPU
+    seconds spent on communication that a compute run is delayed by when both run at once (1 when
+    they share one core, near 0 with a spare core)."""
+
+    costs: tuple[CommCost, ...]
+    message_bytes: tuple[int, int]  # the two message sizes the per-byte lines were fitted through
+    share: float
+    compute_alone_s: float
+    compute_with_comm_s: float
+    comm_cpu_s: float  # CPU seconds of communication (both ends of loopback) per compute run
+
+    def cost(self, codec: str = "raw", secure: bool = False) -> CommCost | None:
+        return next((c for c in self.costs if c.codec == codec and c.secure == secure), None)
+
+
+@dataclass(frozen=True)
+class Learned:
+    """One update of a profile from a measured run (``edgepipe-compile ... --from-run``)."""
+
+    source: str
+    microbatch: int
+    first_segment: int
+    end_segment: int
+    scale: float  # measured / profiled compute of those segments
+    created: str
+
+
+@dataclass(frozen=True)
 class DeviceProfile:
     model_id: str
     model_sha256: str
@@ -53,7 +109,8 @@ class DeviceProfile:
     ort_version: str
     threads: int
     segment_names: tuple[str, ...]
-    # microbatch size -> median compute seconds of each segment for a whole microbatch
+    # microbatch size -> compute seconds of each segment for a whole microbatch: the mean of the
+    # timed runs left after rejecting outliers (a pipeline's throughput follows the mean)
     seconds: dict[int, tuple[float, ...]]
     # peak resident memory of each segment's session while running the largest microbatch
     peak_memory_bytes: tuple[int, ...]
@@ -61,12 +118,23 @@ class DeviceProfile:
     warmup: int
     host: dict[str, Any] = field(default_factory=dict)  # cpu model, cores: for the reader's benefit
     created: str = ""
+    # microbatch size -> per segment: robust relative spread (1.4826 * MAD / median) of the timed
+    # runs, and how many runs were rejected as outliers. Empty in version 1 profiles.
+    spread: dict[int, tuple[float, ...]] = field(default_factory=dict)
+    outliers: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    comm: CommProfile | None = None
+    learned: tuple[Learned, ...] = ()
     format: str = PROFILE_FORMAT
-    format_version: int = FORMAT_VERSION
+    format_version: int = PROFILE_VERSION
 
     def key(self) -> tuple:
         return (self.model_sha256, self.device, tuple(sorted(self.seconds)), self.dtype, self.ort_version,
                 self.threads)
+
+    def max_spread(self, microbatch: int | None = None) -> float:
+        """The largest per-segment spread (at ``microbatch``, or at any size); 0 if not measured."""
+        sizes = [microbatch] if microbatch is not None else list(self.spread)
+        return max((s for mb in sizes for s in self.spread.get(mb, ())), default=0.0)
 
 
 def save_profile_bundle(root: Path, bundle: ProfileBundle) -> Path:
@@ -98,7 +166,8 @@ def load_profile_bundle(root: Path | str) -> ProfileBundle:
 def profile_to_dict(profile: DeviceProfile) -> dict[str, Any]:
     """The JSON form (also what the control protocol's ``profile`` reply carries)."""
     raw = asdict(profile)
-    raw["seconds"] = {str(k): list(v) for k, v in profile.seconds.items()}
+    for name in ("seconds", "spread", "outliers"):
+        raw[name] = {str(k): list(v) for k, v in getattr(profile, name).items()}
     return raw
 
 
@@ -108,19 +177,20 @@ def save_profile(path: Path, profile: DeviceProfile) -> Path:
 
 
 def load_profile(path: Path | str) -> DeviceProfile:
-    return profile_from_dict(_read_json(Path(path), PROFILE_FORMAT), str(path))
+    return profile_from_dict(_read_json(Path(path), PROFILE_FORMAT, None), str(path))  # version checked there
 
 
 def profile_from_dict(raw: Any, path: str = "profile") -> DeviceProfile:
     """Check and build a DeviceProfile from its JSON form; ``path`` names the source in errors."""
     if not isinstance(raw, dict) or raw.get("format") != PROFILE_FORMAT:
         raise ProfileError(f"{path}: not an {PROFILE_FORMAT} file")
-    if raw.get("format_version") != FORMAT_VERSION:
-        raise ProfileError(f"{path}: format version {raw.get('format_version')} is not supported "
-                           f"(supports {FORMAT_VERSION})")
+    version = raw.get("format_version")
+    if version not in READABLE_PROFILE_VERSIONS:
+        raise ProfileError(f"{path}: profile format version {version} is not supported (reads "
+                           f"{', '.join(map(str, READABLE_PROFILE_VERSIONS))}); re-profile the device")
     try:
         names = tuple(str(n) for n in raw["segment_names"])
-        seconds = {int(k): tuple(float(x) for x in v) for k, v in raw["seconds"].items()}
+        seconds = _per_size(raw["seconds"], float)
         profile = DeviceProfile(
             model_id=str(raw["model_id"]),
             model_sha256=str(raw["model_sha256"]),
@@ -135,13 +205,47 @@ def profile_from_dict(raw: Any, path: str = "profile") -> DeviceProfile:
             warmup=int(raw["warmup"]),
             host=dict(raw.get("host", {})),
             created=str(raw.get("created", "")),
+            spread=_per_size(raw.get("spread") or {}, float),
+            outliers=_per_size(raw.get("outliers") or {}, int),
+            comm=_comm_from_dict(raw.get("comm")),
+            learned=tuple(_learned_from_dict(x) for x in raw.get("learned") or ()),
+            format_version=int(version),
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ProfileError(f"{path}: malformed field: {exc!r}") from exc
-    for mb, values in profile.seconds.items():
-        if len(values) != len(names):
-            raise ProfileError(f"{path}: microbatch {mb} has {len(values)} timings for {len(names)} segments")
+    for name in ("seconds", "spread", "outliers"):
+        for mb, values in getattr(profile, name).items():
+            if len(values) != len(names):
+                raise ProfileError(f"{path}: {name} at microbatch {mb} has {len(values)} values for "
+                                   f"{len(names)} segments")
+    if not all(math.isfinite(x) and x >= 0 for values in profile.seconds.values() for x in values):
+        raise ProfileError(f"{path}: seconds must be finite and >= 0")
     return profile
+
+
+def _per_size(raw: dict[str, Any], kind: type) -> dict[int, tuple]:
+    return {int(k): tuple(kind(x) for x in v) for k, v in raw.items()}
+
+
+def _comm_from_dict(raw: Any) -> CommProfile | None:
+    if raw is None:
+        return None
+    costs = tuple(CommCost(codec=str(c["codec"]), secure=bool(c["secure"]),
+                           recv_per_message_s=float(c["recv_per_message_s"]),
+                           recv_per_byte_s=float(c["recv_per_byte_s"]),
+                           send_per_message_s=float(c["send_per_message_s"]),
+                           send_per_byte_s=float(c["send_per_byte_s"])) for c in raw["costs"])
+    small, large = (int(x) for x in raw["message_bytes"])
+    return CommProfile(costs=costs, message_bytes=(small, large), share=float(raw["share"]),
+                       compute_alone_s=float(raw["compute_alone_s"]),
+                       compute_with_comm_s=float(raw["compute_with_comm_s"]),
+                       comm_cpu_s=float(raw["comm_cpu_s"]))
+
+
+def _learned_from_dict(raw: Any) -> Learned:
+    return Learned(source=str(raw["source"]), microbatch=int(raw["microbatch"]),
+                   first_segment=int(raw["first_segment"]), end_segment=int(raw["end_segment"]),
+                   scale=float(raw["scale"]), created=str(raw.get("created", "")))
 
 
 def check_profile_matches(profile: DeviceProfile, *, model_sha256: str, device: str | None = None,
@@ -157,7 +261,8 @@ def check_profile_matches(profile: DeviceProfile, *, model_sha256: str, device: 
                            f"the device now runs {ort_version}; re-profile")
 
 
-def _read_json(path: Path, expected_format: str) -> dict[str, Any]:
+def _read_json(path: Path, expected_format: str,
+               versions: tuple[int, ...] | None = (FORMAT_VERSION,)) -> dict[str, Any]:
     if not path.is_file():
         raise ProfileError(f"{path}: missing")
     try:
@@ -166,7 +271,7 @@ def _read_json(path: Path, expected_format: str) -> dict[str, Any]:
         raise ProfileError(f"{path}: unreadable: {exc}") from exc
     if not isinstance(raw, dict) or raw.get("format") != expected_format:
         raise ProfileError(f"{path}: not an {expected_format} file")
-    if raw.get("format_version") != FORMAT_VERSION:
+    if versions is not None and raw.get("format_version") not in versions:
         raise ProfileError(f"{path}: format version {raw.get('format_version')} is not supported "
-                           f"(supports {FORMAT_VERSION})")
+                           f"(supports {', '.join(map(str, versions))})")
     return raw
