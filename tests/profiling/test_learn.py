@@ -77,10 +77,10 @@ def test_from_run_refuses_what_it_cannot_learn_from(misled: Path, tmp_path: Path
     result = cli("edgepipe-compile", TINY, "--cluster", str(misled / "c.toml"), "--profiles-dir",
                  str(misled / "profiles"), "--microbatch", "2", "--from-run", str(no_plan), "-o", str(tmp_path / "o"),
                  "--no-verify", "--key", str(workstation()[1]))
-    assert result.returncode == 1 and "--report PLAN.json --trace" in result.stderr
+    assert result.returncode == 2 and "--report PLAN.json --trace" in result.stderr  # bad input
     assert len(result.stderr.strip().splitlines()) == 1
-    result = cli("edgepipe-compile", TINY, "--stages", "2", "--from-run", str(no_plan))
-    assert result.returncode == 1 and "need --cluster" in result.stderr
+    result = cli("edgepipe-compile", TINY, "--stages", "2", "--from-run", str(no_plan), "-o", str(tmp_path / "o2"))
+    assert result.returncode == 2 and "need --cluster" in result.stderr
 
 
 def test_a_device_whose_runtime_cannot_be_confirmed_is_not_updated(misled: Path, tmp_path: Path) -> None:

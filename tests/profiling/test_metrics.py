@@ -13,6 +13,7 @@ import pytest
 from edgepipe.agent.control_client import request_status
 from edgepipe.agent.device.metrics import render
 from edgepipe.agent.local import LocalPipeline
+from edgepipe.agent.transport import INSECURE
 from profiling_testlib import BIN, TINY, cli, dead_endpoint
 
 STATUS = {  # a status reply with the `stage` field as the data plane defines it (docs/profiling.md)
@@ -83,7 +84,7 @@ def test_exporter_serves_a_live_stage(served) -> None:
 
 def test_exporter_counts_requests_of_a_live_stage(served) -> None:
     pipe, control, url, root = served
-    if "stage" not in request_status(control):
+    if "stage" not in request_status(control, auth=INSECURE):  # a serving stage's --control is plaintext
         pytest.skip("the serving agent's status has no `stage` counters yet (data-plane branch not merged)")
     result = cli("edgepipe-submit", pipe.entry, pipe.exit, "--bundle", str(root / "b" / "stage-0"), "-b", "2",
                  "-n", "5", "--warmup", "0", "--json")
