@@ -51,7 +51,7 @@ GIVE_UP_AFTER = 3  # consecutive start-up failures with exit code 2
 DEFAULT_HANG_S = 10.0
 DEFAULT_DRAIN_S = 10.0
 LOG_ROTATE_BYTES = 8 * 2**20
-THROUGHPUT_KEYS = ("sent", "requests_out", "computed")  # the first counter found is "requests done"
+THROUGHPUT_KEYS = ("requests_out", "computed", "sent")  # the first counter found is "requests done"
 # Whether stage_command gives the stages CurveZMQ data sockets. Today's serve binds plaintext data
 # sockets, so a deployment's data plane is insecure whatever the control channel is.
 SECURE_DATA_PLANE = False

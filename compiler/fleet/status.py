@@ -18,9 +18,9 @@ from edgepipe.compiler.fleet.state import DeploymentState
 
 STATUS_TIMEOUT_S = 3.0
 # Counter names the stage runtime may report, first match wins (see /work/notes/interfaces.md).
-DONE_KEYS = ("sent", "requests_out", "computed")
-QUEUE_KEYS = ("queue_in", "queue", "queued", "q_in")
-ERROR_KEYS = ("failed", "rejected", "errors")
+DONE_KEYS = ("requests_out", "computed", "sent")
+QUEUE_KEYS = ("queue_msgs", "queue_in", "queue")
+ERROR_KEYS = ("failed", "rejected", "dropped")  # summed
 
 
 def collect(state: DeploymentState, fleet: Fleet, timeout_s: float = STATUS_TIMEOUT_S) -> dict[str, Any]:
@@ -58,7 +58,9 @@ def _stage_row(s: StageStatus) -> dict[str, Any]:
         "uptime_s": None if s.started_at is None or s.state not in ("ready", "starting")
         else round(time.time() - s.started_at, 1),
         "requests": _first(counters, DONE_KEYS), "throughput": s.throughput,
-        "queue": _first(counters, QUEUE_KEYS), "errors": _first(counters, ERROR_KEYS),
+        "queue": _first(counters, QUEUE_KEYS), "errors": _sum(counters, ERROR_KEYS),
+        "neighbours_down": [n.get("label") for n in counters.get("neighbours", []) or []
+                            if isinstance(n, dict) and n.get("state") == "down"],
         "heartbeat_age_s": s.heartbeat_age_s, "last_exit": s.last_exit, "last_error": s.last_error,
         "ports": s.ports.to_dict(), "counters": counters}
 
@@ -68,6 +70,11 @@ def _first(counters: dict[str, Any], keys: tuple[str, ...]) -> Any:
         if key in counters:
             return counters[key]
     return None
+
+
+def _sum(counters: dict[str, Any], keys: tuple[str, ...]) -> int | None:
+    found = [counters[k] for k in keys if isinstance(counters.get(k), int)]
+    return sum(found) if found else None
 
 
 def healthy(doc: dict[str, Any]) -> bool:
