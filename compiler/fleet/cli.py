@@ -242,30 +242,30 @@ def _print_status(doc: dict[str, Any]) -> None:
     if doc["stopped"]:
         title += " (stopped)"
     table = Table(title=title)
-    for col in ("device", "stage", "state", "pid", "up", "requests", "req/s", "queue", "heartbeat", "restarts",
-                "last error"):
+    for col in ("device", "stage", "state", "pid", "up", "requests", "req/s", "queue", "errors", "heartbeat",
+                "restarts", "last error"):
         table.add_column(col, overflow="fold")
     for row in doc["devices"]:
         if not row["reachable"]:
             table.add_row(row["device"], ",".join(row["expected"]) or "-",
-                          "[red]lost[/red]" if row["lost"] else "[red]unreachable[/red]", "", "", "", "", "", "", "",
-                          row["error"])
+                          "[red]lost[/red]" if row["lost"] else "[red]unreachable[/red]", *[""] * 8, row["error"])
             continue
         if row.get("foreign"):
-            table.add_row(row["device"], "-", f"[yellow]serves {row['deployment']}[/yellow]", *[""] * 8)
+            table.add_row(row["device"], "-", f"[yellow]serves {row['deployment']}[/yellow]", *[""] * 9)
             continue
         if not row["stages"]:
             table.add_row(row["device"], "-", "no stages" if not row["expected"] else "[red]not running[/red]",
-                          *[""] * 8)
+                          *[""] * 9)
         for s in row["stages"]:
             colour = {"ready": "green", "starting": "yellow", "restarting": "yellow"}.get(s["state"], "red")
             table.add_row(
                 row["device"], f"{s['id']} ({s['stage']}/{s['of']})", f"[{colour}]{s['state']}[/{colour}]",
                 str(s["pid"] or "-"), _age(s["uptime_s"]), _n(s["requests"]),
-                "-" if s["throughput"] is None else f"{s['throughput']:.1f}", _n(s["queue"]),
+                "-" if s["throughput"] is None else f"{s['throughput']:.1f}", _n(s["queue"]), _n(s["errors"]),
                 "-" if s["heartbeat_age_s"] is None else f"{s['heartbeat_age_s']:.1f} s ago",
                 f"{s['restarts']}" + (f" ({s['hangs']} hung)" if s["hangs"] else ""),
-                s["last_error"] or (s["last_exit"] if s["restarts"] else "") or "")
+                s["last_error"] or (s["last_exit"] if s["restarts"] else "")
+                or (f"down: {', '.join(s['neighbours_down'])}" if s["neighbours_down"] else ""))
     console.print(table)
 
 
