@@ -14,12 +14,13 @@ from rich.console import Console
 
 from .baselines import all_baselines
 from .cluster import ClusterError, load_cluster, problem_for
-from .cost import make_plan
+from .console import console_for_output
+from .cost import make_plan, placements_of
 from .explain import explain, explain_dict
 from .plan import Plan, PlanError, load_plan, save_plan
-from .problem import Problem, ProblemError, load_problem
+from .problem import Problem, ProblemError, load_problem, parse_error_budget
 from .simulate import Simulation, simulate
-from .solver import DEFAULT_MAX_EXACT_STATES, InfeasibleError, solve
+from .solver import DEFAULT_MAX_EXACT_STATES, DEFAULT_THROUGHPUT_SLACK, InfeasibleError, solve
 
 app = typer.Typer(add_completion=False, rich_markup_mode="markdown", pretty_exceptions_enable=False)
 
@@ -48,6 +49,20 @@ def plan_command(
     simulate_n: int = typer.Option(
         0, "--simulate", metavar="N", help="Also play N microbatches through the plan's queues and report.",
     ),
+    max_error: str = typer.Option(
+        None, "--max-error", metavar="SPEC", show_default=False,
+        help="Allow lossy choices (compressed hops, int8 weights) within this error of the model's outputs: "
+             "`0.05` (max |Δ|) or `max_abs=0.05,cosine=0.999,top1=0.99`. Default: the problem's (usually none).",
+    ),
+    max_replicas: int = typer.Option(
+        None, "--max-replicas", metavar="N", show_default=False,
+        help="At most N identical devices share one stage's microbatches (1: pipeline only). Default: no limit.",
+    ),
+    throughput_slack: float = typer.Option(
+        DEFAULT_THROUGHPUT_SLACK, "--throughput-slack", metavar="F",
+        help="Plans within this fraction of the best throughput count as equally fast; then less error, "
+             "lower latency and fewer devices decide. 0: the highest throughput, whatever it costs.",
+    ),
     method: str = typer.Option("auto", "--method", help="auto, exact or heuristic."),
     max_exact_states: int = typer.Option(
         DEFAULT_MAX_EXACT_STATES, "--max-exact-states",
@@ -57,9 +72,13 @@ def plan_command(
 ) -> None:
     """Find the plan with the highest throughput for a model on a set of devices, and explain it.
 
-    Among plans with the same throughput it picks the lowest latency, then the fewest devices.
-    The table shows each stage's device, segments, compute and send time and memory, marks
-    the bottleneck, lists the devices left out and why, and compares other partitioners.
+    Plans within the throughput slack (1%) of the best count as equally fast; among them it picks
+    the least output error, then the lowest latency, then the fewest devices. Identical devices
+    may share a stage (replicas); with --max-error, hops may be compressed (fp16, int8) and
+    stages may run int8 weights, where the problem file has the compiler's measurements. The
+    table shows each stage's devices, segments, compute, comm and send time, how its output
+    travels and memory, marks the bottleneck, lists the devices left out and why, and compares
+    other partitioners.
 
     Solve and save a plan:
 
@@ -69,20 +88,29 @@ def plan_command(
 
         edgepipe-plan vith.problem.json --cluster planner/examples/paper-testbed.toml
 
+    Trade accuracy for speed on slow links (the problem must carry codec measurements):
+
+        edgepipe-plan vitl.problem.json --cluster planner/examples/paper-testbed-5mbps.toml --max-error 0.05
+
     What-if: the saved plan with slower links, played through the runtime's queues:
 
         edgepipe-plan slow-links.problem.json --plan plan.json --simulate 64
     """
     err = Console(stderr=True)
     try:
-        problem = _load(problem_file or problem_option, cluster, microbatch)
+        problem = _load(problem_file or problem_option, cluster, microbatch, max_error)
         if existing is not None:
             plan = _what_if(problem, load_plan(existing))
         else:
             if method not in ("auto", "exact", "heuristic"):
                 raise ProblemError(f"--method: expected auto, exact or heuristic, got {method!r}")
+            if max_replicas is not None and max_replicas < 1:
+                raise ProblemError(f"--max-replicas: expected an integer >= 1, got {max_replicas}")
+            if not throughput_slack >= 0:
+                raise ProblemError(f"--throughput-slack: expected a fraction >= 0, got {throughput_slack}")
             with err.status("solving…", spinner="dots") if not as_json else nullcontext():
-                plan = solve(problem, method=method, max_exact_states=max_exact_states)
+                plan = solve(problem, method=method, max_exact_states=max_exact_states, max_replicas=max_replicas,
+                             throughput_slack=throughput_slack)
         others = all_baselines(problem, plan.microbatch) if baselines else {}
         simulation = simulate(problem, plan, simulate_n) if simulate_n > 0 else None
     except (ProblemError, ClusterError, PlanError) as exc:
@@ -103,7 +131,7 @@ def plan_command(
             doc["simulation"] = _simulation_dict(simulation)
         typer.echo(json.dumps(doc, indent=2, allow_nan=False))
         return
-    out = Console()
+    out = console_for_output()
     out.print(explain(problem, plan, others))
     if simulation is not None:
         out.print(
@@ -115,10 +143,12 @@ def plan_command(
         out.print(f"Plan written to {output}")
 
 
-def _load(path: Path | None, cluster: Path | None, microbatch: str | None) -> Problem:
+def _load(path: Path | None, cluster: Path | None, microbatch: str | None, max_error: str | None) -> Problem:
     if path is None:
         raise ProblemError("give a problem file: edgepipe-plan PROBLEM.json (see --help)")
     problem = load_problem(path)
+    if max_error is not None:
+        problem = replace(problem, max_error=parse_error_budget(max_error))
     size = problem.microbatch
     if microbatch is not None:
         if microbatch == "auto":
@@ -128,7 +158,8 @@ def _load(path: Path | None, cluster: Path | None, microbatch: str | None) -> Pr
         else:
             raise ProblemError(f"--microbatch: expected a positive integer or 'auto', got {microbatch!r}")
     if cluster is not None:
-        return problem_for(load_cluster(cluster), problem.model, size)
+        return problem_for(load_cluster(cluster), problem.model, size, max_error=problem.max_error,
+                           secure=problem.secure)
     return replace(problem, microbatch=size) if size != problem.microbatch else problem
 
 
@@ -139,13 +170,16 @@ def _what_if(problem: Problem, plan: Plan) -> Plan:
         covered = plan.stages[-1].end_segment
         raise PlanError(f"--plan: the plan covers {covered} segments, the problem has {n}")
     names = [d.name for d in problem.devices]
-    for s in plan.stages:
-        if s.device not in names:
-            raise PlanError(f"--plan: device {s.device!r} of the plan is not in the problem")
-    placements = [(s.device, s.first_segment, s.end_segment) for s in plan.stages]
+    for device in plan.devices:
+        if device not in names:
+            raise PlanError(f"--plan: device {device!r} of the plan is not in the problem")
     left_out = {d: "not in the plan" for d in names if d not in plan.devices}
     solver = f"what-if: {plan.solver}"
-    return make_plan(problem, plan.microbatch, placements, solver=solver, left_out=left_out)
+    try:
+        return make_plan(problem, plan.microbatch, placements_of(plan), solver=solver, left_out=left_out,
+                         throughput_slack=plan.throughput_slack)
+    except PlanError as exc:
+        raise PlanError(f"--plan: {exc}") from None
 
 
 def _simulation_dict(sim: Simulation) -> dict[str, Any]:

@@ -16,6 +16,8 @@ from .problem import (
     DEFAULT_RUNTIME_OVERHEAD_BYTES,
     Device,
     DeviceType,
+    ErrorBudget,
+    Int8Speed,
     Link,
     ModelSpec,
     Problem,
@@ -88,19 +90,23 @@ def cluster_from_dict(raw: dict[str, Any], source: str = "<cluster>") -> Cluster
     types = []
     for i, t in enumerate(_tables(raw, "type", source)):
         where = f"[[type]] #{i + 1}"
-        _known(t, {"name", "gflops", "reference", "speed", "profile"}, source, where)
+        _known(t, {"name", "gflops", "reference", "speed", "int8_gflops", "profile"}, source, where)
         tname = _field(t, "name", source, where, str)
         where = f"[[type]] {tname!r}"
         if "profile" in t:
+            # Measured profiles are per device, not per type, and live beside the build.
             raise ClusterError(
-                f"{source}: {where}.profile: profile files are not supported yet; "
-                "describe the type with gflops, or reference + speed"
+                f"{source}: {where}.profile: measured profiles are not named in the cluster file; "
+                "edgepipe-compile --cluster FILE --profile measures every device (or --profiles-dir DIR "
+                "reuses stored ones) and they replace this type's gflops or reference + speed"
             )
+        int8_gflops = _field(t, "int8_gflops", source, where, _positive_float, default=None)
         types.append(DeviceType(
             name=tname,
             gflops=_field(t, "gflops", source, where, _positive_float, default=None),
             reference=_field(t, "reference", source, where, str, default=None),
             speed=_field(t, "speed", source, where, _positive_float, default=1.0),
+            int8=None if int8_gflops is None else Int8Speed(gflops=int8_gflops),
         ))
     devices = []
     control: dict[str, str] = {}
@@ -142,8 +148,10 @@ def cluster_from_dict(raw: dict[str, Any], source: str = "<cluster>") -> Cluster
     return cluster
 
 
-def problem_for(cluster: Cluster, model: ModelSpec, microbatch: int | None = 8) -> Problem:
-    """The planning problem of running ``model`` on ``cluster`` (microbatch None: planner picks)."""
+def problem_for(cluster: Cluster, model: ModelSpec, microbatch: int | None = 8, *,
+                max_error: ErrorBudget | None = None, secure: bool = True) -> Problem:
+    """The planning problem of running ``model`` on ``cluster`` (microbatch None: planner picks),
+    within the error budget ``max_error`` (None: no lossy choice), with CURVE on every hop or not."""
     try:
         return Problem(
             model=model,
@@ -154,6 +162,8 @@ def problem_for(cluster: Cluster, model: ModelSpec, microbatch: int | None = 8) 
             client_bandwidth_mbps=cluster.client_bandwidth_mbps,
             runtime_overhead_bytes=cluster.runtime_overhead_bytes,
             queue_depth=cluster.queue_depth,
+            max_error=max_error,
+            secure=secure,
         )
     except ProblemError as exc:
         raise ClusterError(f"{cluster.source}: {exc}") from None

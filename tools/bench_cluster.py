@@ -157,7 +157,8 @@ def plan_and_run(setup: Setup, bed: Any, label: str, cluster: Any, profiles: dic
     loaded = load_model(setup.model)
     spec = spec_for(loaded, candidate_cuts(loaded))
     problem = problem_for(cluster, spec, setup.microbatch)
-    plan = solve(problem) if solver == "ours" else all_baselines(problem, setup.microbatch)[solver]
+    # One device per stage: run_on_bed starts one agent per stage (no replicas yet).
+    plan = solve(problem, max_replicas=1) if solver == "ours" else all_baselines(problem, setup.microbatch)[solver]
     predicted = steady_state(problem, plan)
     if not predicted.fits:
         return {"label": label, "solver": solver, "fits": False, "stages": len(plan.stages)}

@@ -85,7 +85,8 @@ def main(
     # 2. Plan for the cluster and compile the planned bundles (verified against the whole model).
     from edgepipe.planner.cluster import load_cluster
 
-    plan = solve(problem_for(load_cluster(cluster_path), spec, microbatch))
+    # One device per stage: run_on_testbed starts one agent per stage (no replicas yet).
+    plan = solve(problem_for(load_cluster(cluster_path), spec, microbatch), max_replicas=1)
     predicted = plan.throughput
     result = compile_model(model, out / "bundles", plan=plan)
     stage_devices = [s.device for s in plan.stages]

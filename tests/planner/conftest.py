@@ -11,9 +11,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # planner_testlib, whatever pyte
 
 from edgepipe.planner.cluster import load_cluster, problem_for
 from edgepipe.planner.problem import Problem
-from planner_testlib import vit_like
-
-EXAMPLES = Path(__file__).parents[2] / "planner" / "examples"
+from planner_testlib import EXAMPLES, vit_like
 
 
 @pytest.fixture(scope="session")

@@ -32,7 +32,11 @@ def test_memory_proportional_gives_big_devices_more(paper_problem) -> None:
 def test_pipedream_is_optimal_when_its_assumption_holds() -> None:
     same = Problem(vit_like(blocks=6, width=256, tokens=65), (DeviceType("t", gflops=10.0),),
                    tuple(Device(f"d{i}", "t", GIB, 1000.0) for i in range(5)), microbatch=8)
-    assert pipedream(same).throughput == pytest.approx(solve(same).throughput, rel=1e-9)
+    # PipeDream's partitioner is optimal for a pipeline of identical workers (one per stage); with
+    # replicas or a throughput slack allowed, ours may do better or trade a little for latency
+    pipeline = solve(same, max_replicas=1, throughput_slack=0)
+    assert pipedream(same).throughput == pytest.approx(pipeline.throughput, rel=1e-9)
+    assert solve(same, throughput_slack=0).throughput >= pipeline.throughput * (1 - 1e-9)
 
 
 def test_pipedream_is_blind_to_slower_devices() -> None:

@@ -5,11 +5,10 @@ from __future__ import annotations
 import textwrap
 
 import pytest
-from conftest import EXAMPLES
 from edgepipe.planner.cluster import ClusterError, load_cluster, problem_for
-from edgepipe.planner.problem import segment_seconds
+from edgepipe.planner.problem import int8_segment_seconds, segment_seconds
 from edgepipe.planner.units import format_bytes, format_seconds, parse_bytes, parse_mbps, parse_seconds
-from planner_testlib import vit_like
+from planner_testlib import EXAMPLES, vit_like
 
 
 @pytest.mark.parametrize(
@@ -107,7 +106,7 @@ DEVICE = '[[device]]\nname = "b2"\ntype = "board"\nmemory = 1\nbandwidth = 10\n'
         ('[[type]]\nname = "slow"\nspeed = 0.5\ngflops = 1\n',
          r"\[\[type\]\] 'slow'.speed: is relative to a reference"),
         ('[[type]]\nname = "prof"\nprofile = "p.json"\n',
-         r"\[\[type\]\] 'prof'.profile: profile files are not supported yet"),
+         r"\[\[type\]\] 'prof'.profile: measured profiles are not named in the cluster file; edgepipe-compile"),
         ('[[type]]\nname = "empty"\n', r"\[\[type\]\] 'empty': needs gflops, or reference \+ speed"),
         ('[[type]]\nname = "neg"\ngflops = -2\n', r"\[\[type\]\] 'neg'.gflops: expected a positive number"),
     ],
@@ -147,3 +146,38 @@ def test_problem_for_reports_model_mismatch_with_the_cluster_file(tmp_path) -> N
                                     for s in flopless.segments))
     with pytest.raises(ClusterError, match=r"c.toml: model.segments: every flops figure is 0 but device type 'board'"):
         problem_for(cluster, flopless, 8)
+
+
+def test_fast_and_slow_example_and_int8_speed(tmp_path) -> None:
+    cluster = load_cluster(EXAMPLES / "fast-and-slow.toml")
+    assert [d.type for d in cluster.devices] == ["fast", "slow", "slow", "slow"]
+    problem = problem_for(cluster, vit_like(), 8)
+    assert segment_seconds(problem, "slow", 8) == pytest.approx(segment_seconds(problem, "fast", 8) * 4)
+    path = tmp_path / "c.toml"
+    path.write_text(textwrap.dedent("""
+        [[type]]
+        name = "board"
+        gflops = 10.0
+        int8_gflops = 15.0
+        [[type]]
+        name = "half"
+        reference = "board"
+        speed = 0.5
+        [[device]]
+        name = "b1"
+        type = "half"
+        memory = "1 GiB"
+        bandwidth = "1 Gbps"
+    """))
+    problem = problem_for(load_cluster(path), vit_like(), 8)
+    assert int8_segment_seconds(problem, "board", 8) == pytest.approx(segment_seconds(problem, "board", 8) / 1.5)
+    assert int8_segment_seconds(problem, "half", 8) == pytest.approx(segment_seconds(problem, "board", 8) / 1.5 * 2)
+
+
+def test_console_for_output_is_wide_when_piped(monkeypatch) -> None:
+    from edgepipe.planner.console import PIPED_WIDTH, console_for_output
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    assert console_for_output().width == PIPED_WIDTH  # pytest captures stdout: not a terminal
+    monkeypatch.setenv("COLUMNS", "100")
+    assert console_for_output().width == 100

@@ -91,13 +91,14 @@ def test_compile_cluster_profile_plans_with_measured_times(planned: Path) -> Non
     assert "its measured profile" in (planned / "stdout.txt").read_text()
     plan = json.loads((out / "plan.json").read_text())
     profiles = [load_profile(out / "profiles" / f"{d}.json") for d in ("d0", "d1")]
-    assert {s["device"] for s in plan["stages"]} <= {"d0", "d1"} and len(plan["stages"]) == 2
+    # d0 and d1 are alike, so the planner may give them one stage as replicas (planner v2)
+    assert {r["device"] for s in plan["stages"] for r in s["replicas"]} == {"d0", "d1"}
     for stage in plan["stages"]:  # the type's time is the median (here: mean) of its two profiles
         span = slice(stage["first_segment"], stage["end_segment"])
         expected = sum((a + b) / 2 for a, b in zip(profiles[0].seconds[2][span], profiles[1].seconds[2][span]))
         assert stage["compute_s"] == pytest.approx(expected, rel=1e-6)
     assert [(k.a, k.b) for k in load_links(out / "profiles" / "links.json")] == [("d0", "d1")]
-    assert sorted(p.name for p in out.glob("stage-*")) == ["stage-0", "stage-1"]
+    assert sorted(p.name for p in out.glob("stage-*")) == [f"stage-{k}" for k in range(len(plan["stages"]))]
 
 
 def test_compile_cluster_reuses_stored_profiles_without_profile_flag(planned: Path) -> None:

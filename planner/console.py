@@ -1,0 +1,23 @@
+"""Consoles for command-line tables, shared by edgepipe-plan and edgepipe-compile.
+
+On a terminal, rich fits tables to the window. Piped or redirected (``edgepipe-plan ... | cat``,
+``> plan.txt``), rich would assume 80 columns and cut cells short ("rcc-v…") or wrap summary
+lines; there the console is wide enough that nothing is cut, and tables keep their natural width.
+An explicit ``COLUMNS`` in the environment is still honoured.
+"""
+
+from __future__ import annotations
+
+import os
+
+from rich.console import Console
+
+PIPED_WIDTH = 400  # wide enough for every table the CLIs print; tables do not stretch to it
+
+
+def console_for_output(stderr: bool = False) -> Console:
+    """A rich Console for stdout (or stderr) that never truncates when not on a terminal."""
+    console = Console(stderr=stderr)
+    if console.is_terminal or os.environ.get("COLUMNS"):
+        return console
+    return Console(stderr=stderr, width=PIPED_WIDTH)
