@@ -556,8 +556,8 @@ class DeviceDaemon:
         return StageLaunch(
             id=inst.ref.id, bundle_dir=Path(inst.bundle_dir), manifest=inst.ref.manifest, generation=w.generation,
             ports=inst.ports, bind_host=self.config.data_bind, next=w.next, next_keys=w.next_keys,
-            upstream_keys=w.upstream_keys, client_keys=w.client_keys, key_file=self.config.key_file,
-            threads=w.threads, max_batch=w.max_batch, codec=w.codec, cpus=w.cpus,
+            next_weights=w.next_weights, upstream_keys=w.upstream_keys, client_keys=w.client_keys,
+            key_file=self.config.key_file, threads=w.threads, max_batch=w.max_batch, codec=w.codec, cpus=w.cpus,
             log_level=self.config.stage_log_level, drain_timeout_s=self.config.drain_timeout_s)
 
     def _cmd_stop(self, header: dict[str, Any], raw: list[bytes]) -> dict[str, Any]:

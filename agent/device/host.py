@@ -74,6 +74,7 @@ class StageLaunch:
     bind_host: str  # "*" or an address of this device
     next: tuple[str, ...] = ()
     next_keys: tuple[str, ...] = ()
+    next_weights: tuple[float, ...] = ()
     upstream_keys: tuple[str, ...] = ()
     client_keys: tuple[str, ...] = ()
     key_file: Path | None = None  # the device's secret key, for a secure data plane

@@ -208,6 +208,7 @@ class StageWiring:
     id: str
     next: tuple[str, ...] = ()  # downstream data endpoints; several = replicas; none on the last stage
     next_keys: tuple[str, ...] = ()  # their public keys, in the same order
+    next_weights: tuple[float, ...] = ()  # their shares of the work (the plan's replica weights); () = equal
     upstream_keys: tuple[str, ...] = ()  # who may send data in (the previous stage; clients at the entry)
     client_keys: tuple[str, ...] = ()  # who may read results (the last stage)
     threads: int = 1
@@ -218,7 +219,8 @@ class StageWiring:
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "next": list(self.next), "next_keys": list(self.next_keys),
-                "upstream_keys": list(self.upstream_keys), "client_keys": list(self.client_keys),
+                "next_weights": list(self.next_weights), "upstream_keys": list(self.upstream_keys),
+                "client_keys": list(self.client_keys),
                 "threads": self.threads, "max_batch": self.max_batch, "codec": self.codec, "cpus": self.cpus,
                 "generation": self.generation}
 
@@ -229,6 +231,9 @@ class StageWiring:
         codec = raw.get("codec")
         if codec is not None and codec not in ("raw", "fp16", "int8"):
             raise BadRequest(f"'codec' must be raw, fp16 or int8, got {_short(codec)}")
+        weights = raw.get("next_weights") or []
+        if not isinstance(weights, list) or len(weights) > MAX_NEXT:
+            raise BadRequest(f"'next_weights' must be a list of at most {MAX_NEXT} numbers")
         cpus = raw.get("cpus")
         if cpus is not None and (not isinstance(cpus, str) or not re.fullmatch(r"[0-9,\-]{1,64}", cpus)):
             raise BadRequest(f"'cpus' must be a CPU list like 0,2-3, got {_short(cpus)}")
@@ -236,6 +241,7 @@ class StageWiring:
             id=name_field(raw.get("id"), "id"),
             next=endpoint_list(raw.get("next"), "next"),
             next_keys=key_list(raw.get("next_keys"), "next_keys", MAX_NEXT),
+            next_weights=tuple(float_in(w, "next_weights", 1e-6, 1e6) for w in weights),
             upstream_keys=key_list(raw.get("upstream_keys"), "upstream_keys"),
             client_keys=key_list(raw.get("client_keys"), "client_keys"),
             threads=int_in(raw.get("threads", 1), "threads", 1, 256),
@@ -245,6 +251,8 @@ class StageWiring:
         )
         if wiring.next_keys and len(wiring.next_keys) != len(wiring.next):
             raise BadRequest("'next_keys' must give one key per 'next' endpoint")
+        if wiring.next_weights and len(wiring.next_weights) != len(wiring.next):
+            raise BadRequest("'next_weights' must give one weight per 'next' endpoint")
         return wiring
 
 

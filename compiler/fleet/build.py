@@ -82,6 +82,8 @@ class Build:
     model_id: str
     stages: tuple[StageBuild, ...]
     placement: tuple[tuple[str, ...], ...]  # per stage: the device(s) that run it (several = replicas)
+    weights: tuple[tuple[float, ...], ...]  # per stage: each replica's share of the work (the plan's)
+    codecs: tuple[str | None, ...]  # per stage: the codec of its output hop (the plan's; None: raw)
     devices: dict[str, DeviceTarget]  # every device of the cluster file that has a daemon
     cluster: Cluster
     client_keys: tuple[str, ...]
@@ -162,6 +164,12 @@ def load_build(build_dir: Path, *, cluster_path: Path | None = None, devices: li
     except ClusterError as exc:
         raise BuildError(str(exc)) from None
     placement = _placement(stages, plan, devices, build_dir)
+    if plan is not None and not devices:
+        weights = tuple(tuple(float(getattr(r, "weight", 1.0)) for r in getattr(st, "replicas", ())) or (1.0,)
+                        for st in plan.stages)
+        codecs = tuple(getattr(st, "codec_out", None) for st in plan.stages)
+    else:
+        weights, codecs = tuple((1.0,) for _ in stages), tuple(None for _ in stages)
     targets = device_targets(cluster)
     for names in placement:
         for name in names:
@@ -177,7 +185,8 @@ def load_build(build_dir: Path, *, cluster_path: Path | None = None, devices: li
         clients = tuple(k.decode() for k in sorted(load_key_list(_relative(cluster, s) for s in cluster.client_keys)))
     except KeyFileError as exc:
         raise BuildError(f"{cluster.source}: [cluster].clients: {exc}") from None
-    return Build(build_dir, stages[0].manifest.model_id, stages, placement, targets, cluster, clients, plan)
+    return Build(build_dir, stages[0].manifest.model_id, stages, placement, weights, codecs, targets, cluster, clients,
+                 plan)
 
 
 def _placement(stages: tuple[StageBuild, ...], plan: Plan | None, devices: list[str] | None,

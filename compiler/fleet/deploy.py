@@ -293,13 +293,17 @@ def _wiring(build: Build, k: int, device: str, listen: dict[tuple[int, str], str
     nxt = build.placement[k + 1] if k + 1 < n else ()
     prev = build.placement[k - 1] if k > 0 else ()
     key = {d: build.devices[d].public_key for d in build.used_devices()}
+    weights = build.weights[k + 1] if k + 1 < n else ()
     return StageWiring(
         id=instance_id(k),
         next=tuple(listen[(k + 1, d)] for d in nxt),
         next_keys=tuple(key[d] for d in nxt if key[d]) if all(key[d] for d in nxt) else (),
+        next_weights=weights if len(nxt) > 1 and len(weights) == len(nxt) else (),
         upstream_keys=tuple(key[d] for d in prev if key[d]) if k > 0 else build.client_keys,
         client_keys=build.client_keys if k == n - 1 else (),
-        threads=options.threads, max_batch=options.max_batch, codec=options.codec, generation=generation)
+        threads=options.threads, max_batch=options.max_batch,
+        codec=options.codec or (build.codecs[k] if k + 1 < n and build.codecs[k] != "raw" else None),
+        generation=generation)
 
 
 def _wait_ready(fleet: Fleet, launches: dict[tuple[str, str], str], timeout_s: float,
