@@ -75,6 +75,16 @@ def testbed_spec(path: Path, bandwidth: str, cpu: float, memory: str) -> Path:
     return path
 
 
+def planner_cluster(path: Path, daemons: list[Any], keys: Keys) -> Path:
+    """The planner's view: 5 GFLOPS boards whose memory (130 MB for a stage, runtime excluded) holds
+    a quarter of ViT-B but not half, so the plan is a 4-stage pipeline (not the model replicated
+    whole) and the 3 devices left after a loss can still hold it."""
+    write_cluster(path, daemons, keys)
+    text = path.read_text().replace("gflops = 50.0", "gflops = 5.0").replace('memory = "2 GiB"', 'memory = "130 MB"')
+    path.write_text(text.replace("[cluster]\n", '[cluster]\nruntime_overhead = "0"\n', 1))
+    return path
+
+
 def fleet(*args: str, keys: Keys) -> tuple[dict[str, Any], float]:
     started = time.perf_counter()
     result = subprocess.run([str(BIN / "edgepipe-fleet"), *args, "--json", "--key", str(keys.workstation_file)],
@@ -127,8 +137,7 @@ def deploy_bench(model: str, bandwidth: str, cpu: float, memory: str, reps: int,
             root.mkdir(parents=True, exist_ok=True)
             daemons = [start_daemon_in(bed, keys, root, d) for d in DEVICES]  # fresh: empty stores
             try:
-                cluster = write_cluster(root / "cluster.toml", daemons, keys)
-                cluster.write_text(cluster.read_text().replace("gflops = 50.0", "gflops = 5.0"))
+                cluster = planner_cluster(root / "cluster.toml", daemons, keys)
                 if first is None:
                     first, moved = compile_builds(model, cluster, work)
                 build = _copy_build(first, root)
@@ -170,8 +179,7 @@ def failover_bench(model: str, bandwidth: str, cpu: float, memory: str, reps: in
         daemons = {d: start_daemon_in(bed, keys, work, d) for d in DEVICES}
         supervisor = None
         try:
-            cluster = write_cluster(work / "cluster.toml", list(daemons.values()), keys)
-            cluster.write_text(cluster.read_text().replace("gflops = 50.0", "gflops = 5.0"))
+            cluster = planner_cluster(work / "cluster.toml", list(daemons.values()), keys)
             build, _ = compile_builds(model, cluster, work, moved=False)
             fleet("deploy", str(build), keys=keys)
             events = build / "events.jsonl"
