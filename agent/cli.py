@@ -132,7 +132,8 @@ def check_cmd(
         "stage": f"{manifest.stage_index}/{manifest.stage_count}",
         "inputs": [[t.name, t.dtype, list(t.shape)] for t in manifest.inputs],
         "outputs": [[t.name, t.dtype, list(t.shape)] for t in manifest.outputs],
-        "weight_bytes": manifest.weight_bytes, "ok": True,
+        "weight_bytes": manifest.weight_bytes,
+        "weights": "float32" if manifest.quantization is None else manifest.quantization.describe(), "ok": True,
     }
     if as_json:
         typer.echo(json.dumps(info))

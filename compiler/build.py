@@ -71,6 +71,7 @@ class CompileResult:
     source: str = "export"
     exporter: str | None = None
     fixed_batch: int | None = None
+    accuracy: Any = None  # compiler.plan_check.AccuracyCheck when stages are int8 or hops compressed
 
 
 def load_model(
@@ -189,10 +190,12 @@ def compile_model(
     verify: bool = True,
     tolerance: float = DEFAULT_TOLERANCE,
     progress: Progress | None = None,
+    lossy: Any = None,
 ) -> CompileResult:
     """Compile ``model`` into bundles in ``out_dir/stage-K``.
 
     ``plan`` is an ``edgepipe.planner.plan.Plan``; its stages' ``cut_in`` labels are the cuts.
+    ``lossy`` (compiler.plan_check.LossyOptions) holds the options about int8 weights and codecs.
     """
     out_dir = Path(out_dir)
     loaded = load_model(model, onnx, checkpoint, opset, progress)
@@ -228,6 +231,9 @@ def compile_model(
         if progress:
             progress("verifying chained stages against the whole model", 1.0)
         verification = verify_chain(loaded.path, bundle_dirs, batch=loaded.fixed_batch or 2, tolerance=tolerance)
+    accuracy = None
+    if verification is None or verification.passed:  # slicing is exact; only then add lossy choices
+        accuracy = lossy_step(loaded, bundle_dirs, plan, lossy, verify, progress)
     result = CompileResult(
         model_id=loaded.identity.model_id,
         model_sha256=loaded.identity.model_sha256,
@@ -243,6 +249,7 @@ def compile_model(
         source=loaded.source,
         exporter=loaded.exporter,
         fixed_batch=loaded.fixed_batch,
+        accuracy=accuracy,
     )
     write_summary(result)
     if verification is not None and not verification.passed:
@@ -251,6 +258,23 @@ def compile_model(
             f"(tolerance {verification.tolerance:g}); bundles left in {out_dir} for inspection"
         )
     return result
+
+
+def lossy_step(loaded: LoadedModel, bundle_dirs: list[Path], plan: Any, lossy: Any, verify: bool,
+               progress: Progress | None) -> Any:
+    """int8 stages and compressed hops (compiler/plan_check.py): quantize what the plan marks and
+    measure the deployed pipeline's error against the whole model."""
+    from edgepipe.compiler.plan_check import LossyOptions, choices_from_plan, deploy_lossy_choices, is_lossy
+    from edgepipe.compiler.slicing import tensor_spec
+
+    if lossy is None and not is_lossy(choices_from_plan(plan)):
+        return None
+    if progress:
+        progress("int8 stages and hop codecs: measuring the deployed pipeline", 1.0)
+    return deploy_lossy_choices(
+        loaded.identity.model_id, loaded.source != "onnx", loaded.path,
+        [tensor_spec(v) for v in loaded.model.graph.inputs], bundle_dirs, plan, lossy or LossyOptions(), verify,
+        loaded.fixed_batch)
 
 
 def stage_rows(bundle_dirs: list[Path], plan: Any = None, balance: Balance | None = None) -> list[dict[str, Any]]:
@@ -269,8 +293,9 @@ def stage_rows(bundle_dirs: list[Path], plan: Any = None, balance: Balance | Non
             "cut_in": m.cut_in,
             "cut_out": m.cut_out,
             "weight_bytes": m.weight_bytes,
-            "params": m.weight_bytes // 4,
+            "params": (m.weight_bytes if m.quantization is None else m.quantization.float_weight_bytes) // 4,
             "out_bytes_per_sample": None if None in out_bytes else sum(out_bytes),
+            "weights": "float32" if m.quantization is None else m.quantization.weights,
             "outputs": [o.name for o in m.outputs],
             "device": plan.stages[k].device if plan is not None else None,
         })
@@ -301,6 +326,7 @@ def write_summary(result: CompileResult) -> Path:
             "batch": result.verification.batch,
             "passed": result.verification.passed,
         },
+        "accuracy": None if result.accuracy is None else result.accuracy.to_dict(),
     }
     path = result.out_dir / COMPILE_SUMMARY
     path.write_text(json.dumps(summary, indent=2) + "\n")

@@ -20,6 +20,14 @@ from edgepipe.compiler.build import (
 )
 from edgepipe.compiler.cuts import Cut, CutError, describe_cut
 from edgepipe.compiler.export import DEFAULT_OPSET, ExportError
+from edgepipe.compiler.lossy_cli import (
+    BudgetExceeded,
+    add_lossy_measurements,
+    build_within_budget,
+    lossy_options,
+    print_accuracy,
+)
+from edgepipe.compiler.quantize import QuantizeError
 from edgepipe.compiler.verify import DEFAULT_TOLERANCE, VerificationError
 from edgepipe.models.registry import REGISTRY, ModelError
 from rich.console import Console
@@ -43,7 +51,7 @@ err = console_for_output(stderr=True)
 # Bad input (exit 2): the user asked for something that does not exist or cannot be done.
 INPUT_ERRORS = (CompileError, CutError, ModelError, BundleError, ValueError)
 # Failures while doing what was asked (exit 1).
-RUN_ERRORS = (ExportError, VerificationError, OSError)
+RUN_ERRORS = (ExportError, VerificationError, OSError, BudgetExceeded, QuantizeError)
 FLAG = ""  # metavar for on/off flags: no "<bool>" column in --help
 
 
@@ -112,6 +120,25 @@ def compile_command(
     tolerance: Annotated[float, typer.Option(help="Largest allowed |difference| when verifying.")] = DEFAULT_TOLERANCE,
     as_json: Annotated[bool, typer.Option("--json", metavar=FLAG,
                                           help="Print machine-readable JSON instead of tables.")] = False,
+    # --- lossy choices (compiler/lossy_cli.py, docs/compression.md) ---
+    max_error: Annotated[str | None, typer.Option(metavar="SPEC", help=(
+        "Let the planner compress hops (fp16/int8) and quantize stages (int8 weights) while the model's outputs "
+        "stay within this error of fp32: 0.05 (max |Δ|) or max_abs=0.05,cosine=0.999,top1=0.99 (any subset). "
+        "The built pipeline is measured; a plan over budget is re-planned or refused."))] = None,
+    calibration: Annotated[Path | None, typer.Option(metavar="FILE|DIR", help=(
+        "Sample inputs for measuring errors: FILE.npy (one input), FILE.npz (an array per input name) or a "
+        "folder of images (default: the registry's example inputs)."))] = None,
+    calibration_samples: Annotated[int, typer.Option(help="Use at most N calibration samples.")] = 8,
+    int8_weights: Annotated[str | None, typer.Option(metavar="all|K,..", help=(
+        "Without a cluster: build these stages with int8 weights (ONNX Runtime quantize_dynamic)."))] = None,
+    hop_codecs: Annotated[str | None, typer.Option(metavar="CODEC[,..]", help=(
+        "Without a cluster: codec of each stage-to-stage hop (raw, fp16, int8), one for all or one per hop; "
+        "the measured error is reported."))] = None,
+    int8: Annotated[bool, typer.Option("--int8/--no-int8", metavar=FLAG, help=(
+        "With --max-error: offer int8 weights to the planner (else only hop codecs); with --profile the "
+        "devices then also time each piece with int8 weights."))] = True,
+    int8_pieces: Annotated[bool, typer.Option("--int8-pieces", metavar=FLAG, help=(
+        "With --profile-bundle: add each piece's int8-weights twin, so profiles carry int8 times."))] = False,
     _help: Annotated[bool, typer.Option("--help", metavar=FLAG, is_eager=True, callback=_show_help,
                                         expose_value=False, help="Show this message and exit.")] = False,
 ) -> None:
@@ -131,7 +158,7 @@ def compile_command(
             _list_cuts(model, onnx, checkpoint, opset, max_tensors, as_json)
             return
         if profile_bundle is not None:
-            _write_profile_bundle(model, onnx, checkpoint, opset, max_tensors, profile_bundle, as_json)
+            _write_profile_bundle(model, onnx, checkpoint, opset, max_tensors, profile_bundle, as_json, int8_pieces)
             return
         if stages is not None and stages < 1:
             raise CompileError(f"--stages must be at least 1, got {stages}")
@@ -146,22 +173,23 @@ def compile_command(
             name = model or (onnx.stem if onnx else "model")
             raise CompileError(f"say where the bundles go: -o DIR (e.g. -o build/{name}); "
                                f"--list-cuts shows where the model can be cut without writing anything")
-        plan_obj = None
+        lossy = lossy_options(max_error, calibration, calibration_samples, int8_weights, hop_codecs, int8)
+        plan_obj = problem_obj = None
         if cluster is not None:
-            plan_obj = _plan_for_cluster(model, onnx, checkpoint, opset, cluster, microbatch, max_tensors,
-                                         out, problem_out, as_json, profile=profile, profiles_dir=profiles_dir,
-                                         profile_threads=profile_threads, probe=probe_links, from_run=from_run,
-                                         key=key, insecure=insecure)
+            plan_obj, problem_obj = _plan_for_cluster(
+                model, onnx, checkpoint, opset, cluster, microbatch, max_tensors, out, problem_out, as_json,
+                profile=profile, profiles_dir=profiles_dir, profile_threads=profile_threads, probe=probe_links,
+                from_run=from_run, lossy=lossy, key=key, insecure=insecure)
         elif profile or probe_links or profiles_dir is not None or from_run is not None:
             raise CompileError("--profile, --profiles-dir, --probe-links and --from-run need --cluster")
         elif plan is not None:
             from edgepipe.planner.plan import load_plan
 
             plan_obj = load_plan(plan)
-        result = _compile_with_progress(
-            model, out, onnx=onnx, stages=stages, cuts=chosen, plan=plan_obj, checkpoint=checkpoint,
-            opset=opset, max_tensors=max_tensors, verify=verify, tolerance=tolerance, quiet=as_json,
-        )
+        result = build_within_budget(lossy, plan_obj, problem_obj, out, lambda plan_to_build: _compile_with_progress(
+            model, out, onnx=onnx, stages=stages, cuts=chosen, plan=plan_to_build, checkpoint=checkpoint,
+            opset=opset, max_tensors=max_tensors, verify=verify, tolerance=tolerance, quiet=as_json, lossy=lossy,
+        ), err, as_json)
     except RUN_ERRORS as exc:
         typer.echo(f"error: {exc}", err=True)  # one line, never wrapped
         raise typer.Exit(1) from None
@@ -237,12 +265,13 @@ def _fixed_batch_note(batch: int) -> str:
             f"its stages accept only batches of {batch}")
 
 
-def _write_profile_bundle(model, onnx, checkpoint, opset, max_tensors, out: Path, as_json: bool) -> None:
+def _write_profile_bundle(model, onnx, checkpoint, opset, max_tensors, out: Path, as_json: bool,
+                          int8_pieces: bool = False) -> None:
     from edgepipe.compiler.profiling import write_profile_bundle
 
     loaded = load_model(model, onnx, checkpoint, opset)
     cuts = candidate_cuts(loaded, max_tensors)
-    bundle = write_profile_bundle(loaded.model, cuts, out, loaded.identity)
+    bundle = write_profile_bundle(loaded.model, cuts, out, loaded.identity, int8=int8_pieces)
     summary = {"dir": str(out), "model_id": bundle.model_id, "model_sha256": bundle.model_sha256,
                "segments": len(bundle.segment_names), "pieces": bundle.piece_count}
     if as_json:
@@ -259,7 +288,7 @@ def _cut_row(index, cut: Cut, segment) -> dict:
 
 def _plan_for_cluster(model, onnx, checkpoint, opset, cluster_path, microbatch, max_tensors, out,
                       problem_out, quiet, *, profile=False, profiles_dir=None, profile_threads=1, probe=False,
-                      from_run=None, key=None, insecure=False):
+                      from_run=None, lossy=None, key=None, insecure=False):
     import dataclasses
     import shutil
 
@@ -288,7 +317,8 @@ def _plan_for_cluster(model, onnx, checkpoint, opset, cluster_path, microbatch, 
     if profile or profiles_dir.is_dir():
         if profile:
             profiles, missing = _profile_devices(loaded, cuts, cluster, profiles_dir, microbatch, profile_threads,
-                                                 quiet, keypair)
+                                                 quiet, keypair, int8=lossy is not None and lossy.max_error is not None
+                                                 and lossy.offer_int8)
         else:
             profiles, missing = load_device_profiles(profiles_dir, cluster, spec)
         short = [p.device for p in profiles if microbatch not in p.seconds]
@@ -302,6 +332,7 @@ def _plan_for_cluster(model, onnx, checkpoint, opset, cluster_path, microbatch, 
     if probe:
         cluster = _probe_links(cluster, spec, profiles_dir, microbatch, quiet, keypair)
     problem = problem_for(cluster, spec, microbatch)
+    problem = add_lossy_measurements(loaded, cuts, problem, lossy, quiet, err)
     if problem_out is not None:
         Path(problem_out).parent.mkdir(parents=True, exist_ok=True)
         save_problem(problem, problem_out)
@@ -321,7 +352,7 @@ def _plan_for_cluster(model, onnx, checkpoint, opset, cluster_path, microbatch, 
 
         for line in comparison_lines(compare_with_run(problem, run, plan)):
             err.print(f"from run: {line}", highlight=False, markup=False)
-    return plan
+    return plan, problem
 
 
 def _learn_from_run(run_path: Path, cluster, spec, profiles_dir: Path, quiet: bool, keypair):
@@ -358,12 +389,12 @@ def _workstation_keypair(key: Path | None, insecure: bool):
 
 
 def _profile_devices(loaded, cuts, cluster, profiles_dir: Path, microbatch: int, threads: int, quiet: bool,
-                     keypair):
+                     keypair, int8: bool = False):
     from edgepipe.compiler.profiling import write_profile_bundle
     from edgepipe.compiler.remote_profile import profile_cluster
 
     bundle_dir = profiles_dir / "bundle"
-    write_profile_bundle(loaded.model, cuts, bundle_dir, loaded.identity)
+    write_profile_bundle(loaded.model, cuts, bundle_dir, loaded.identity, int8=int8)
     with Progress(TextColumn("profiling devices"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=err, transient=True, disable=quiet) as bar:
         task = bar.add_task("profile", total=len(cluster.devices))
@@ -424,8 +455,10 @@ def _print_result(result: CompileResult) -> None:
     for row in result.stage_rows:
         gflop = "" if row["gflop"] is None else f"{row['gflop']:.3f}"
         cells = [str(row["stage"]), row["cut_in"] or "(input)", row["cut_out"] or "(output)",
-                 f"{row['params'] / 1e6:.2f} M", _size(row["weight_bytes"]), gflop,
-                 _size(row["out_bytes_per_sample"]), ", ".join(row["forwarded_in"])]
+                 f"{row['params'] / 1e6:.2f} M",
+                 _size(row["weight_bytes"]) + ("" if row.get("weights", "float32") == "float32"
+                                               else f" {row['weights']}"),
+                 gflop, _size(row["out_bytes_per_sample"]), ", ".join(row["forwarded_in"])]
         table.add_row(*cells, *([row["device"]] if planned else []))
     console.print(table)
     for cut in result.cuts:
@@ -456,6 +489,7 @@ def _print_result(result: CompileResult) -> None:
                       f"(tolerance {v.tolerance:g}) [green]OK[/green]")
     else:
         console.print("[yellow]not verified (--no-verify)[/yellow]")
+    print_accuracy(result.accuracy, console)
 
 
 def _size(n: int | None) -> str:

@@ -26,6 +26,7 @@ from edgepipe.agent.formats.profiles import (
     load_profile,
     save_profile,
 )
+from edgepipe.compiler.quantize import int8_speed  # light: no onnx_ir at import
 from edgepipe.planner.cluster import Cluster
 from edgepipe.planner.cost import evaluate
 from edgepipe.planner.plan import Plan
@@ -83,7 +84,9 @@ def apply_profiles(cluster: Cluster, profiles: list[DeviceProfile]) -> Cluster:
                       for i in range(len(measured[0].segment_names)))
             for mb in sorted(sizes)
         }
-        types.append(dataclasses.replace(device_type, profiles=table, **comm_fields(device_type, measured)))
+        int8 = int8_speed(measured)  # compiler/quantize.py: int8-weights times, when profiled
+        types.append(dataclasses.replace(device_type, profiles=table, **comm_fields(device_type, measured),
+                                         **({} if int8 is None else {"int8": int8})))
     return dataclasses.replace(cluster, device_types=tuple(types))
 
 

@@ -30,8 +30,11 @@ def write_profile_bundle(
     out_dir: Path,
     identity: ModelIdentity,
     on_piece: Callable[[int, int], None] | None = None,
+    int8: bool = False,
 ) -> ProfileBundle:
-    """One piece per distinct segment structure under ``out_dir``; returns the manifest written."""
+    """One piece per distinct segment structure under ``out_dir``; returns the manifest written.
+    With ``int8``, also the int8-weights twin of every piece that has weights to quantize, so devices
+    time both and the planner may choose int8 stages (compiler/quantize.py)."""
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
@@ -54,6 +57,8 @@ def write_profile_bundle(
         segment_pieces=tuple(segment_pieces),
         piece_count=len(piece_of_key),
     )
+    if int8:
+        bundle = add_int8_pieces(out_dir, bundle)
     save_profile_bundle(out_dir, bundle)
     return bundle
 
@@ -89,3 +94,26 @@ def _attr_repr(attr: ir.Attr) -> str:
     if isinstance(value, ir.TensorProtocol):
         return hashlib.sha1(np.ascontiguousarray(value.numpy()).tobytes()).hexdigest()
     return repr(value)
+
+
+def add_int8_pieces(out_dir: Path, bundle: ProfileBundle) -> ProfileBundle:
+    """``bundle`` plus, after its pieces, the int8-weights twin of each piece that has a MatMul/Gemm
+    weight; a segment without one runs its fp32 piece as its int8 variant."""
+    import dataclasses
+
+    from edgepipe.agent.formats.bundle import GRAPH_NAME
+    from edgepipe.compiler.quantize import quantizable_nodes, quantize_bundle
+
+    twin: dict[int, int] = {}
+    for piece in range(bundle.piece_count):
+        src = bundle.piece_dir(out_dir, piece)
+        if not quantizable_nodes(ir.load(src / GRAPH_NAME).graph):
+            twin[piece] = piece
+            continue
+        index = bundle.piece_count + sum(1 for p, q in twin.items() if p != q)
+        dst = bundle.piece_dir(out_dir, index)
+        shutil.copytree(src, dst)
+        quantize_bundle(dst)
+        twin[piece] = index
+    return dataclasses.replace(bundle, piece_count=max(twin.values(), default=-1) + 1,
+                               int8_segment_pieces=tuple(twin[p] for p in bundle.segment_pieces))

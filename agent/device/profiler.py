@@ -152,6 +152,9 @@ def profile_bundle(
         spread={mb: tuple(round(stats[(p, mb)].spread, 6) for p in pieces) for mb in sizes},
         outliers={mb: tuple(stats[(p, mb)].rejected for p in pieces) for mb in sizes},
         comm=comm_profile,
+        int8_seconds={mb: tuple(stats[(p, mb)].mean for p in bundle.int8_segment_pieces) for mb in sizes}
+        if bundle.int8_segment_pieces else {},
+        int8_peak_memory_bytes=tuple(memory[p] for p in bundle.int8_segment_pieces),
     )
 
 

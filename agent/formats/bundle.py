@@ -18,7 +18,8 @@ from typing import Any
 
 FORMAT = "edgepipe.stage-bundle"
 # 2: adds ``forwarded``, ``input_values`` and ``fixed_batch`` (models with several inputs, e.g. a
-# transformer's token ids and attention mask). Version 1 manifests are still read: they have none.
+# transformer's token ids and attention mask) and ``quantization`` (stages with int8 weights).
+# Version 1 manifests are still read: they have none.
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 MANIFEST_NAME = "stage.json"
@@ -82,6 +83,22 @@ class FileEntry:
 
 
 @dataclass(frozen=True)
+class WeightQuantization:
+    """How a stage's weights were quantized after slicing (``StageManifest.quantization``; absent or
+    null there: float weights as exported). Inputs and outputs stay float32 either way."""
+
+    weights: str  # "int8"
+    method: str  # "onnxruntime.quantization.quantize_dynamic"
+    op_types: tuple[str, ...]  # the ops whose weights were quantized ("MatMul", "Gemm")
+    per_channel: bool  # one scale per output column (else one per weight)
+    onnxruntime: str  # version of the quantizer
+    float_weight_bytes: int  # weight bytes of the float stage it was made from
+
+    def describe(self) -> str:
+        return f"{self.weights} ({'/'.join(self.op_types)}, {self.method.rsplit('.', 1)[-1]})"
+
+
+@dataclass(frozen=True)
 class StageManifest:
     """Everything an agent needs to know about its stage, without opening the ONNX file."""
 
@@ -102,6 +119,7 @@ class StageManifest:
     forwarded: tuple[str, ...] = ()
     input_values: dict[str, InputValues] = field(default_factory=dict)  # model inputs among ``inputs``
     fixed_batch: int | None = None  # the one batch size the stage accepts (model exported without a batch axis)
+    quantization: WeightQuantization | None = None  # None: float weights as exported
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -138,6 +156,7 @@ class StageManifest:
                 input_values={str(k): InputValues(str(v["kind"]), None if v.get("high") is None else int(v["high"]))
                               for k, v in raw.get("input_values", {}).items()},
                 fixed_batch=None if raw.get("fixed_batch") is None else int(raw["fixed_batch"]),
+                quantization=_quantization(raw.get("quantization")),
                 format_version=int(version),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -147,6 +166,14 @@ class StageManifest:
         if stray:
             raise BundleError(f"{source}: {stray} named in forwarded/input_values but not among the inputs")
         return manifest
+
+
+def _quantization(raw: Any) -> WeightQuantization | None:
+    if raw is None:
+        return None
+    return WeightQuantization(weights=str(raw["weights"]), method=str(raw["method"]),
+                              op_types=tuple(str(o) for o in raw["op_types"]), per_channel=bool(raw["per_channel"]),
+                              onnxruntime=str(raw["onnxruntime"]), float_weight_bytes=int(raw["float_weight_bytes"]))
 
 
 def _tensor_spec(raw: dict[str, Any]) -> TensorSpec:

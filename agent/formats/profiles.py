@@ -42,6 +42,9 @@ class ProfileBundle:
     segment_names: tuple[str, ...]  # the planner's segments, in order
     segment_pieces: tuple[int, ...]  # per segment: which piece-K directory runs it
     piece_count: int
+    # per segment: the piece running its int8-weights variant (a segment with nothing to quantize
+    # points at its fp32 piece); empty: the bundle has no int8 variants. Optional field, absent = ().
+    int8_segment_pieces: tuple[int, ...] = ()
     format: str = PROFILE_BUNDLE_FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -124,6 +127,10 @@ class DeviceProfile:
     outliers: dict[int, tuple[int, ...]] = field(default_factory=dict)
     comm: CommProfile | None = None
     learned: tuple[Learned, ...] = ()
+    # the int8-weights variants (profiling bundles with int8 pieces), like seconds / peak_memory_bytes;
+    # optional fields, absent = not measured
+    int8_seconds: dict[int, tuple[float, ...]] = field(default_factory=dict)
+    int8_peak_memory_bytes: tuple[int, ...] = ()
     format: str = PROFILE_FORMAT
     format_version: int = PROFILE_VERSION
 
@@ -153,20 +160,24 @@ def load_profile_bundle(root: Path | str) -> ProfileBundle:
             segment_names=tuple(str(n) for n in raw["segment_names"]),
             segment_pieces=tuple(int(p) for p in raw["segment_pieces"]),
             piece_count=int(raw["piece_count"]),
+            int8_segment_pieces=tuple(int(p) for p in raw.get("int8_segment_pieces") or ()),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ProfileError(f"{path}: malformed field: {exc!r}") from exc
     if len(bundle.segment_names) != len(bundle.segment_pieces):
         raise ProfileError(f"{path}: {len(bundle.segment_names)} segments but {len(bundle.segment_pieces)} pieces")
-    if any(not 0 <= p < bundle.piece_count for p in bundle.segment_pieces):
+    if any(not 0 <= p < bundle.piece_count for p in (*bundle.segment_pieces, *bundle.int8_segment_pieces)):
         raise ProfileError(f"{path}: a segment refers to a piece outside 0..{bundle.piece_count - 1}")
+    if bundle.int8_segment_pieces and len(bundle.int8_segment_pieces) != len(bundle.segment_names):
+        raise ProfileError(f"{path}: {len(bundle.segment_names)} segments but {len(bundle.int8_segment_pieces)} "
+                           f"int8 pieces")
     return bundle
 
 
 def profile_to_dict(profile: DeviceProfile) -> dict[str, Any]:
     """The JSON form (also what the control protocol's ``profile`` reply carries)."""
     raw = asdict(profile)
-    for name in ("seconds", "spread", "outliers"):
+    for name in ("seconds", "spread", "outliers", "int8_seconds"):
         raw[name] = {str(k): list(v) for k, v in getattr(profile, name).items()}
     return raw
 
@@ -210,10 +221,12 @@ def profile_from_dict(raw: Any, path: str = "profile") -> DeviceProfile:
             comm=_comm_from_dict(raw.get("comm")),
             learned=tuple(_learned_from_dict(x) for x in raw.get("learned") or ()),
             format_version=int(version),
+            int8_seconds={int(k): tuple(float(x) for x in v) for k, v in (raw.get("int8_seconds") or {}).items()},
+            int8_peak_memory_bytes=tuple(int(x) for x in raw.get("int8_peak_memory_bytes") or ()),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ProfileError(f"{path}: malformed field: {exc!r}") from exc
-    for name in ("seconds", "spread", "outliers"):
+    for name in ("seconds", "spread", "outliers", "int8_seconds"):
         for mb, values in getattr(profile, name).items():
             if len(values) != len(names):
                 raise ProfileError(f"{path}: {name} at microbatch {mb} has {len(values)} values for "
