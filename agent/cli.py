@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
 import signal
 import sys
 import threading
@@ -15,7 +16,7 @@ from typing import Any
 
 import typer
 from edgepipe.agent.device.session import SessionError, create_session
-from edgepipe.agent.device.stage import AgentConfig, serve
+from edgepipe.agent.device.stage import AgentConfig, check_config, serve
 from edgepipe.agent.formats.bundle import BundleError, load_bundle
 from edgepipe.agent.transport import TransportError
 
@@ -44,50 +45,110 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
 @app.command("serve")
 def serve_cmd(
     bundle_dir: Path = typer.Argument(..., help="Stage bundle directory (stage.json, stage.onnx, .data)."),
-    listen: str = typer.Option(..., "--listen", help="Bind address for incoming data, e.g. tcp://*:5550."),
-    next_: str | None = typer.Option(None, "--next", help="Next stage's --listen address; omit on the last."),
-    results: str | None = typer.Option(None, "--results",
+    listen: str = typer.Option(..., "--listen", metavar="ENDPOINT",
+                               help="Bind address for incoming data, e.g. tcp://*:5550."),
+    next_: list[str] | None = typer.Option(None, "--next", metavar="ENDPOINT",
+                                           help="Next stage's --listen address; repeat it for "
+                                           "each replica of the next stage. Omit on the last stage."),
+    next_key: list[str] | None = typer.Option(None, "--next-key", metavar="KEY",
+                                              help="Public key of each --next (Z85 text or "
+                                              "a .key file), in the same order."),
+    next_weight: list[float] | None = typer.Option(None, "--next-weight", metavar="W",
+                                                   help="Share of work of each --next "
+                                                   "replica (default 1 each), in the same order."),
+    results: str | None = typer.Option(None, "--results", metavar="ENDPOINT",
                                        help="Last stage only: bind address clients read results from."),
+    key: Path | None = typer.Option(None, "--key", metavar="FILE", help="This device's secret key file "
+                                    "[$EDGEPIPE_KEYS/device.key_secret, else ~/.config/edgepipe/keys/...]."),
+    allow: list[str] | None = typer.Option(None, "--allow", metavar="KEYLIST",
+                                           help="Keys allowed to send data here: the previous "
+                                           "stage's device key(s); for stage 0 the clients' keys. A Z85 key, a "
+                                           ".key file, a key-list file or a directory; repeatable."),
+    allow_client: list[str] | None = typer.Option(None, "--allow-client", metavar="KEYLIST",
+                                                  help="Last stage: keys of the clients "
+                                                  "allowed to read results; repeatable."),
+    insecure: bool = typer.Option(False, "--insecure", help="No authentication, no encryption: anyone who can "
+                                  "reach the ports can submit, inject or read data. For isolated test networks."),
+    codec: str = typer.Option("raw", "--codec", metavar="CODEC", help="Codec of this stage's output: raw, fp16 or int8 "
+                              "(float32 tensors only)."),
+    credit: int = typer.Option(4, "--credit", min=1, help="Messages each upstream peer (stage 0: each client key) "
+                               "may have in flight here."),
+    credit_mb: float = typer.Option(64.0, "--credit-mb", help="Bytes (MiB) each upstream peer may have in flight."),
+    heartbeat_s: float = typer.Option(0.5, "--heartbeat-s", help="Heartbeat interval; a neighbour silent for 3 "
+                                      "intervals is declared down."),
+    hold_s: float = typer.Option(30.0, "--hold-s", help="Last stage: how long to hold a result for an absent client."),
+    device: str | None = typer.Option(None, "--device", metavar="NAME",
+                                      help="This device's name in logs and status [host name]."),
+    deployment: str = typer.Option("", "--deployment", metavar="ID",
+                                   help="Deployment id, shown in heartbeats and status."),
+    generation: int = typer.Option(0, "--generation", min=0, help="Deployment generation, in heartbeats and status."),
     threads: int = typer.Option(1, "--threads", min=1, help="ONNX Runtime intra-op threads."),
     max_batch: int = typer.Option(256, "--max-batch", min=1, help="Largest batch (axis 0) accepted."),
     max_frame_mb: float | None = typer.Option(None, "--max-frame-mb",
                                               help="Per-tensor size limit; default from the manifest."),
-    hwm: int = typer.Option(2, "--hwm", min=1, help="ZeroMQ high-water mark (messages) per socket."),
-    hold_s: float = typer.Option(5.0, "--hold-s", help="How long to retry a result for an absent client."),
     drain_timeout_s: float = typer.Option(30.0, "--drain-timeout-s", help="Drain limit on SIGTERM."),
-    ready_file: Path | None = typer.Option(None, "--ready-file",
-                                           help="Write {pid, listen, results} JSON here once serving."),
-    cpus: str | None = typer.Option(None, "--cpus", help="Pin to these CPUs (taskset list, e.g. 0,2-3)."),
-    control: str | None = typer.Option(None, "--control", help="Also answer status and link probes here "
-                                       "(the control protocol, without profile), e.g. tcp://*:5560."),
+    ready_file: Path | None = typer.Option(None, "--ready-file", metavar="FILE",
+                                           help="Write {pid, listen, results, public_key, "
+                                           "incarnation, ...} JSON here once serving."),
+    cpus: str | None = typer.Option(None, "--cpus", metavar="LIST",
+                                    help="Pin to these CPUs (taskset list, e.g. 0,2-3)."),
+    control: str | None = typer.Option(None, "--control", metavar="ENDPOINT",
+                                       help="Also answer status (with this stage's counters) "
+                                       "and link probes here, e.g. tcp://*:5560."),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
     parent_pid: int | None = typer.Option(None, "--parent-pid", hidden=True,
                                           help="Exit when this process stops being our parent."),
 ) -> None:
     """Serve one stage: receive, compute, send, until SIGTERM/SIGINT (which drains in-flight work).
 
-    Example, a 3-stage pipeline on hosts dev0, dev1, dev2:
+    Secure by default: each device has a key (`edgepipe-agent keygen`); a stage accepts data only
+    from the keys given with --allow and sends only to the --next whose key is --next-key.
+    Example, a 3-stage pipeline on hosts dev0, dev1, dev2 (K0, K1, K2: their public keys; C: the client's):
 
-      dev0$ edgepipe-agent serve s0 --listen tcp://*:5550 --next tcp://dev1:5550
+      dev0$ edgepipe-agent serve s0 --listen tcp://*:5550 --allow C --next tcp://dev1:5550 --next-key K1
 
-      dev1$ edgepipe-agent serve s1 --listen tcp://*:5550 --next tcp://dev2:5550
+      dev1$ edgepipe-agent serve s1 --listen tcp://*:5550 --allow K0 --next tcp://dev2:5550 --next-key K2
 
-      dev2$ edgepipe-agent serve s2 --listen tcp://*:5550 --results tcp://*:5551
+      dev2$ edgepipe-agent serve s2 --listen tcp://*:5550 --allow K1 --results tcp://*:5551 --allow-client C
 
-    then: edgepipe-submit tcp://dev0:5550 tcp://dev2:5551 --random --bundle s0
+    then: edgepipe-submit tcp://dev0:5550 tcp://dev2:5551 --entry-key K0 --exit-key K2 --key client.key_secret
     """
+    from edgepipe.agent.device.stage import NextHop, StageStatus
+    from edgepipe.agent.formats.keys import KeyFileError, load_key_list, load_keypair, load_public_key
+    from edgepipe.agent.formats.keys import key_dir as default_key_dir
+
     if log_level.lower() not in LOG_LEVELS:
         raise _fail(f"--log-level {log_level!r}: choose one of {', '.join(LOG_LEVELS)}")
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s edgepipe-agent[%(process)d] %(message)s")
+    nexts, keys, weights = list(next_ or []), list(next_key or []), list(next_weight or [])
     try:
+        if keys and len(keys) != len(nexts):
+            raise ValueError(f"{len(nexts)} --next but {len(keys)} --next-key: give one key per --next, in order")
+        if weights and len(weights) != len(nexts):
+            raise ValueError(f"{len(nexts)} --next but {len(weights)} --next-weight: give one per --next, or none")
+        if insecure:
+            keypair, allowed, clients = None, frozenset(), frozenset()
+            hops = tuple(NextHop(e, None, w) for e, w in zip(nexts, weights or [1.0] * len(nexts), strict=True))
+        else:
+            keypair = load_keypair(key or default_key_dir() / "device.key_secret")
+            allowed = load_key_list(allow or [])
+            clients = load_key_list(allow_client or [])
+            hops = tuple(NextHop(e, load_public_key(k) if k else None, w)
+                         for e, k, w in zip(nexts, keys or [None] * len(nexts), weights or [1.0] * len(nexts),
+                                            strict=True))
+        if credit_mb <= 0:
+            raise ValueError(f"--credit-mb {credit_mb:g}: must be more than 0")
         config = AgentConfig(
-            bundle_dir=bundle_dir, listen=listen, next=next_, results=results, threads=threads,
-            max_batch=max_batch,
-            max_frame_bytes=None if max_frame_mb is None else int(max_frame_mb * 2**20),
-            hwm=hwm, hold_s=hold_s, drain_timeout_s=drain_timeout_s, ready_file=ready_file,
-            cpus=parse_cpus(cpus) if cpus else None, parent_pid=parent_pid)
-    except ValueError as exc:
+            bundle_dir=bundle_dir, listen=listen, next=hops, results=results, keypair=keypair, allow=allowed,
+            allow_clients=clients, insecure=insecure, codec=codec, credit=credit,
+            credit_bytes=int(credit_mb * 2**20), heartbeat_s=heartbeat_s, hold_s=hold_s,
+            device=device or platform.node(), deployment=deployment, generation=generation, threads=threads,
+            max_batch=max_batch, max_frame_bytes=None if max_frame_mb is None else int(max_frame_mb * 2**20),
+            drain_timeout_s=drain_timeout_s, ready_file=ready_file, cpus=parse_cpus(cpus) if cpus else None,
+            parent_pid=parent_pid)
+        check_config(config)
+    except (ValueError, KeyFileError, TransportError) as exc:
         raise _fail(str(exc)) from None
     stop, abort = threading.Event(), threading.Event()
 
@@ -98,15 +159,14 @@ def serve_cmd(
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    status = StageStatus()
     try:
         if control is not None:
-            import platform
-
             from edgepipe.agent.device.daemon import ControlConfig, start_control_thread
 
-            start_control_thread(ControlConfig(listen=control, device=platform.node(), threads=threads,
-                                               commands=("status", "probe", "echo")), stop)
-        code = serve(config, stop, abort)
+            start_control_thread(ControlConfig(listen=control, device=config.device, threads=threads,
+                                               commands=("status", "probe", "echo"), stage_status=status), stop)
+        code = serve(config, stop, abort, status)
     except (BundleError, SessionError, TransportError, ValueError, OSError) as exc:
         raise _fail(str(exc)) from None
     raise typer.Exit(code)

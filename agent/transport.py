@@ -14,13 +14,19 @@ user asked for insecure mode by name. A peer whose key is not on the list never 
 handshake, so none of its messages reach the socket; the key of an accepted peer is on every frame
 it sends (``peer_key``). Contexts that may hold a ZAP handler are closed with ``close_context``.
 
-Topology (see docs/formats/wire.md): data flows over PUSH -> PULL hops; the last stage binds a
-ROUTER and each client connects a DEALER whose routing id is its client id.
+Topology (docs/formats/wire.md, version 2): every hop is a DEALER (the sender, connects) to a ROUTER
+(the receiver, binds), so acknowledgements, credits and heartbeats flow back on the same connection:
+``connect_data`` -> ``bind_data`` between stages and from a client to the entry, and the client's
+``connect_results`` -> the last stage's ``bind_results``. A connecting socket's routing id is 16
+random bytes: under CurveZMQ it travels encrypted, so nobody can take over another peer's route by
+naming it. The v1 PUSH/PULL helpers (``bind_pull``, ``connect_push``, ``bind_router``,
+``connect_dealer``) remain for tools that measure plain sockets.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -35,6 +41,10 @@ LINGER_MS = 1000
 HEARTBEAT_IVL_MS = 2000
 HEARTBEAT_TIMEOUT_MS = 6000
 CONTROL_MAX_BYTES = 4096  # what a ROUTER accepts from clients, which send it nothing today
+HOP_CONTROL_MAX_BYTES = 66 * 1024  # acks and heartbeats: one frame, a header of at most 64 KiB
+HOP_CONTROL_HWM = 10_000  # acks and heartbeats are small; a full pipe would drop them (ROUTER)
+DATA_RCVHWM = 64  # per connection: a peer keeps at most its credit (a few messages) in flight
+RESULTS_SNDHWM = 64  # per client: results beyond this are held by the exit, not queued in libzmq
 
 
 class TransportError(RuntimeError):
@@ -105,6 +115,87 @@ def peer_key(frame: zmq.Frame) -> str | None:
     except zmq.ZMQError:
         return None
     return user or None
+
+
+def _no_zmtp_heartbeats(sock: zmq.Socket) -> zmq.Socket:
+    """Data-plane sockets heartbeat in the protocol itself (wire.Heartbeat, every 0.5 s), which
+    also carries incarnations and credit. ZMTP heartbeats are off there: besides being redundant,
+    in libzmq 4.3.x a ZMTP heartbeat timeout on a connection whose receive queue is full aborts the
+    process (zeromq/libzmq#4364, #3937) -- which is what a stage paused for longer than the timeout
+    runs into when it resumes."""
+    sock.setsockopt(zmq.HEARTBEAT_IVL, 0)
+    return sock
+
+
+def check_endpoint(endpoint: str, option: str) -> str:
+    """A ZeroMQ endpoint needs its transport; ``host:port`` alone is the commonest typo."""
+    if "://" not in endpoint:
+        raise TransportError(f"{option} {endpoint!r} has no transport; did you mean tcp://{endpoint}?")
+    return endpoint
+
+
+def random_routing_id() -> bytes:
+    """16 random bytes, never starting with 0 (ZeroMQ reserves that for ids it makes itself)."""
+    rid = os.urandom(16)
+    return bytes([rid[0] | 1]) + rid[1:]
+
+
+def bind_data(ctx: zmq.Context, endpoint: str, *, auth: BindAuth, max_frame_bytes: int | None) -> zmq.Socket:
+    """A hop's receiving side (a stage's --listen): data in, acks and heartbeats out to each peer.
+    ROUTER_MANDATORY makes a send to a gone peer an error instead of a silent drop."""
+    sock = _server(_no_zmtp_heartbeats(_common(ctx.socket(zmq.ROUTER), DATA_RCVHWM)), auth)
+    sock.setsockopt(zmq.SNDHWM, HOP_CONTROL_HWM)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a peer reconnecting with its (secret) id takes its route back
+    _max_frame(sock, max_frame_bytes)
+    return _bind(sock, endpoint)
+
+
+def connect_data(ctx: zmq.Context, endpoint: str, *, auth: ConnectAuth) -> zmq.Socket:
+    """A hop's sending side (to the next stage, or a client's to the entry). Sending is gated by
+    the receiver's credit, so the high-water mark is never what limits it. IMMEDIATE: nothing is
+    queued for a peer that is not connected (we resend what a gone peer never acknowledged)."""
+    sock = _client(_no_zmtp_heartbeats(_common(ctx.socket(zmq.DEALER), HOP_CONTROL_HWM)), auth)
+    sock.setsockopt(zmq.ROUTING_ID, random_routing_id())
+    sock.setsockopt(zmq.IMMEDIATE, 1)
+    _max_frame(sock, HOP_CONTROL_MAX_BYTES)
+    return _connect(sock, endpoint)
+
+
+def bind_results(ctx: zmq.Context, endpoint: str, *, auth: BindAuth) -> zmq.Socket:
+    """The last stage's --results: results out to clients (held by the exit when a client's pipe is
+    full: ROUTER_MANDATORY reports EAGAIN instead of dropping), acks and heartbeats in."""
+    sock = _server(_no_zmtp_heartbeats(_common(ctx.socket(zmq.ROUTER), HOP_CONTROL_HWM)), auth)
+    sock.setsockopt(zmq.SNDHWM, RESULTS_SNDHWM)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+    _max_frame(sock, HOP_CONTROL_MAX_BYTES)
+    return _bind(sock, endpoint)
+
+
+def connect_results(ctx: zmq.Context, endpoint: str, *, auth: ConnectAuth,
+                    max_frame_bytes: int | None = None) -> zmq.Socket:
+    """A client's results socket, connected to the last stage's --results. Not IMMEDIATE: with it,
+    libzmq drops the messages a connecting socket has received but not yet read when the connection
+    goes (the pipe is terminated without waiting), so results waiting for a busy client would be
+    lost when the exit stops. It only sends acks and heartbeats, which may wait for a reconnect."""
+    sock = _client(_no_zmtp_heartbeats(_common(ctx.socket(zmq.DEALER), HOP_CONTROL_HWM)), auth)
+    sock.setsockopt(zmq.ROUTING_ID, random_routing_id())
+    _max_frame(sock, max_frame_bytes)
+    return _connect(sock, endpoint)
+
+
+def doorbell(ctx: zmq.Context, name: str) -> tuple[zmq.Socket, zmq.Socket]:
+    """An inproc pair (ring side, listen side) that wakes a thread polling its sockets when another
+    thread has put work in a queue for it. Each side belongs to one thread."""
+    listen = ctx.socket(zmq.PULL)
+    listen.setsockopt(zmq.LINGER, 0)
+    listen.bind(f"inproc://{name}")
+    ring = ctx.socket(zmq.PUSH)
+    ring.setsockopt(zmq.LINGER, 0)
+    ring.setsockopt(zmq.SNDHWM, 16)  # a bell rung many times wakes the listener once; extra rings are dropped
+    ring.connect(f"inproc://{name}")
+    return ring, listen
 
 
 def bind_pull(ctx: zmq.Context, endpoint: str, *, auth: BindAuth, max_frame_bytes: int | None,

@@ -29,7 +29,7 @@ from typing import Any
 import emulate
 import typer
 from edgepipe.agent.formats.profiles import load_profile
-from edgepipe.agent.local import stop_processes
+from edgepipe.agent.local import PipelineKeys, stop_processes
 from rich.console import Console
 from rich.table import Table
 from testbed import ClusterSpec, DeviceSpec, Testbed, TestbedError
@@ -105,11 +105,13 @@ def run_one(model: str, n: int, cpu: float, microbatch: int, count: int, warmup:
         log.print(f"[{n} stages] plan on {', '.join(s['device'] for s in stages)}; starting agents ...")
         agents = []
         next_listen = None
+        keys = PipelineKeys.make(out / "keys", len(stages))  # secure, as a real deployment is
         for i in reversed(range(len(stages))):
             d = stages[i]["device"]
             ready, logf = out / f"agent-{i}.json", out / f"agent-{i}.log"
             argv = [str(BIN / "edgepipe-agent"), "serve", str(out / "build" / f"stage-{i}"),
-                    "--listen", bed.endpoint(d, DATA_PORT), "--ready-file", str(ready), "--threads", "1"]
+                    "--listen", bed.endpoint(d, DATA_PORT), "--ready-file", str(ready), "--threads", "1",
+                    *keys.serve_args(i)]
             argv += ["--next", next_listen] if next_listen else ["--results", bed.endpoint(d, RESULTS_PORT)]
             proc = bed.run_in(d, argv, stdout=logf.open("w"), stderr=subprocess.STDOUT)
             agents.append(proc)
@@ -117,7 +119,8 @@ def run_one(model: str, n: int, cpu: float, microbatch: int, count: int, warmup:
             next_listen = bed.endpoint(d, DATA_PORT)
         log.print(f"[{n} stages] submitting {count} microbatches of {microbatch} ...")
         submit_argv = [str(BIN / "edgepipe-submit"), bed.endpoint(stages[0]["device"], DATA_PORT),
-                       bed.endpoint(stages[-1]["device"], RESULTS_PORT), "--bundle", str(out / "build" / "stage-0"),
+                       bed.endpoint(stages[-1]["device"], RESULTS_PORT), *keys.submit_args(),
+                       "--bundle", str(out / "build" / "stage-0"),
                        "-b", str(microbatch), "-n", str(count), "--warmup", str(warmup), "--timeout-s", "300",
                        "--report", str(out / "build" / "plan.json"), "--json"]
         if trace is not None:

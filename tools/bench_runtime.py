@@ -1,20 +1,28 @@
-"""Benchmark the runtime: per-hop overhead against raw pyzmq, and 2-stage pipeline efficiency.
+"""Benchmark the runtime: per-hop overhead against raw pyzmq and with/without CurveZMQ, 2-stage
+pipeline efficiency, and what CurveZMQ costs a pipeline on a 1 Gbps testbed link.
 
-1. Per-hop overhead. A chain of N agents serving an identity stage (y = x + 0) on ViT-sized
-   activations (197x768 and 257x1280 float32: 0.6 and 1.3 MB), against a chain of N raw pyzmq relay
-   processes with the same sockets and high-water marks (recv_multipart/send_multipart, copy=False,
-   nothing else). One message in flight; medians of the round trip. Reported per hop:
+1. Per-hop overhead. Three chains of N processes run side by side, messages alternating between
+   them in blocks: agents serving an identity stage (y = x + 0) with CurveZMQ (the default), the
+   same agents in plaintext (--insecure), and raw pyzmq relays (PULL/PUSH, recv_multipart/
+   send_multipart with copy=False, nothing else), on ViT-sized activations (197x768 and 257x1280
+   float32: 0.6 and 1.3 MB). One message in flight; medians of the round trip. Reported per hop:
      - inside the agent, outside ONNX Runtime: (send - recv) - compute, from the agents' traces;
-     - added over raw pyzmq: (agent round trip - ONNX Runtime time - raw round trip) / N.
+     - added over raw pyzmq: (agent round trip - ONNX Runtime time - raw round trip) / N;
+     - CurveZMQ: (secure round trip - plaintext round trip) / (N + 1 links).
 2. Pipeline efficiency. The model compiled into 2 stages, served by 2 agents with one ONNX Runtime
    thread each, against the ideal on 2 cores: two single-thread processes each running the whole
    model at the same time (their summed throughput). Rounds alternate ideal and pipeline. The
    headline is steady state (first to last completion); "with fill" counts from the first send, so
    a 2-stage pipeline of n microbatches can reach at most n / (n + 1) of it.
 
-    .venv/bin/python tools/bench_runtime.py                          # both, ViT-B, prints tables
+3. CurveZMQ on a link (needs root: tools/testbed.py). The model compiled into 2 stages served on 2
+   emulated devices joined by 1 Gbps links, rounds alternating secure and plaintext pipelines;
+   throughput in steady state, and the ratio (target: secure within 3% of plaintext).
+
+    .venv/bin/python tools/bench_runtime.py                          # all parts, ViT-B, prints tables
     .venv/bin/python tools/bench_runtime.py --only hop --json out.json
     .venv/bin/python tools/bench_runtime.py --only efficiency --model vit_small_patch16_224
+    .venv/bin/python tools/bench_runtime.py --only hop,testbed --rounds 3    # CurveZMQ's cost, side by side
 """
 
 from __future__ import annotations
@@ -193,8 +201,8 @@ def agent_round_trips(client: Client, x: np.ndarray, count: int) -> list[dict[st
 
 
 def bench_hops(hops: int, count: int, blocks: int = 4, warmup: int = 20) -> list[dict[str, Any]]:
-    """Raw and agent chains are both running; blocks of ``count / blocks`` messages alternate between
-    them so that both see the same machine load."""
+    """Raw relays, secure agents and plaintext agents all run at once; blocks of ``count / blocks``
+    messages alternate between them so that all three see the same machine load."""
     rows = []
     per_block = max(1, count // blocks)
     with tempfile.TemporaryDirectory(prefix="edgepipe-bench-") as tmp_name:
@@ -212,21 +220,27 @@ def bench_hops(hops: int, count: int, blocks: int = 4, warmup: int = 20) -> list
                 dealer.connect(exit_)
                 push.connect(entry)
                 time.sleep(0.3)  # the relay's ROUTER drops messages for a client it does not know yet
-                with LocalPipeline(bundles, max_batch=1, log_dir=tmp / f"logs-{shape[1]}") as pipe, \
-                        Client(pipe.entry, pipe.exit, window=1) as client:
+                logs = tmp / f"logs-{shape[1]}"
+                with LocalPipeline(bundles, max_batch=1, log_dir=logs / "curve") as secure, \
+                        LocalPipeline(bundles, max_batch=1, log_dir=logs / "plain", insecure=True) as plain, \
+                        secure.client(window=1) as curve_client, plain.client(window=1) as plain_client:
                     raw_round_trips(push, dealer, x, warmup)
-                    agent_round_trips(client, x, warmup)
+                    agent_round_trips(curve_client, x, warmup)
+                    agent_round_trips(plain_client, x, warmup)
                     raw: list[float] = []
                     agent: list[dict[str, float]] = []
+                    clear: list[dict[str, float]] = []
                     for _ in range(blocks):
                         raw += raw_round_trips(push, dealer, x, per_block)
-                        agent += agent_round_trips(client, x, per_block)
+                        agent += agent_round_trips(curve_client, x, per_block)
+                        clear += agent_round_trips(plain_client, x, per_block)
             finally:
                 push.close(0)
                 dealer.close(0)
                 ctx.term()
                 stop_processes(procs)
             med = {k: float(np.median([a[k] for a in agent])) * 1000 for k in agent[0]}
+            med_plain = {k: float(np.median([a[k] for a in clear])) * 1000 for k in clear[0]}
             raw_ms = float(np.median(raw)) * 1000
             rows.append({
                 "activation": label, "bytes": x.nbytes, "hops": hops, "messages": len(raw),
@@ -234,8 +248,46 @@ def bench_hops(hops: int, count: int, blocks: int = 4, warmup: int = 20) -> list
                 "agent_round_trip_ms": med["round_trip"], "ort_ms": med["ort"],
                 "outside_ort_per_hop_ms": med["outside"], "agent_per_link_ms": med["link"],
                 "added_vs_raw_per_hop_ms": (med["round_trip"] - med["ort"] - raw_ms) / hops,
+                "plain_round_trip_ms": med_plain["round_trip"], "plain_per_link_ms": med_plain["link"],
+                "plain_outside_ort_per_hop_ms": med_plain["outside"],
+                "curve_per_link_ms": (med["round_trip"] - med_plain["round_trip"]) / (hops + 1),
+                "curve_link_ratio": med["link"] / med_plain["link"] if med_plain["link"] > 0 else float("nan"),
             })
     return rows
+
+
+def bench_testbed(model: str, batch: int, count: int, rounds: int, bandwidth: str, cpu: float) -> dict[str, Any]:
+    """Secure vs plaintext pipeline throughput over emulated links of ``bandwidth`` (tools/testbed.py)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from edgepipe.compiler.build import compile_model
+    from testbed_pipeline import run_on_testbed
+
+    out = Path("build") / f"bench-runtime-{model}-2"
+    build = compile_model(model, out, stages=2)
+    rng = np.random.default_rng(0)
+    batches = [rng.standard_normal((batch, 3, 224, 224)).astype(np.float32) for _ in range(count + 1)]
+    secure, plain, compute = [], [], []
+    with tempfile.TemporaryDirectory(prefix="edgepipe-bench-tb-") as tmp:
+        cluster = Path(tmp) / "cluster.toml"
+        devices = "".join(f'\n[[device]]\nname = "d{i}"\ntype = "board"\nmemory = "4 GiB"\n'
+                          f'bandwidth = "{bandwidth}"\ncpu = {cpu}\n' for i in range(2))
+        cluster.write_text(f'[cluster]\nname = "curve"\n\n[[type]]\nname = "board"\ngflops = 10.0\n{devices}')
+        for r in range(rounds):
+            for label, runs in (("secure", secure), ("plaintext", plain)):
+                console.print(f"round {r + 1}/{rounds}: {label} pipeline on 2 devices, {bandwidth}")
+                run = run_on_testbed(cluster, build.bundle_dirs, ["d0", "d1"], batches, workdir=Path(tmp),
+                                     secure=label == "secure")
+                runs.append(run.throughput)
+                compute.append(run.stage_compute_s)
+    per_round = [s / p for s, p in zip(secure, plain, strict=True)]
+    return {"model": model, "microbatch": batch, "microbatches": count, "rounds": rounds, "bandwidth": bandwidth,
+            "device_cpu": cpu, "secure_samples_s": float(np.median(secure)),
+            "plaintext_samples_s": float(np.median(plain)), "secure_over_plaintext": float(np.median(per_round)),
+            "secure_per_round": secure, "plaintext_per_round": plain, "ratio_per_round": per_round,
+            "activation_bytes_per_microbatch": batch * 197 * 768 * 4,
+            "stage_compute_ms": [1000 * float(np.median([c[k] for c in compute])) for k in range(2)],
+            "bottleneck_busy": float(np.median(secure + plain)) * max(float(np.median([c[k] for c in compute]))
+                                                                      for k in range(2)) / batch}
 
 
 # ---- pipeline efficiency ------------------------------------------------------------------------
@@ -300,7 +352,7 @@ def pipeline_throughput(bundles: list[Path], batch: int, count: int, pin: bool, 
     x = rng.standard_normal((batch, 3, 224, 224)).astype(np.float32)
     cpus = ["0", "1"] if pin else None
     with LocalPipeline(bundles, threads=1, cpus=cpus, max_batch=max(batch, 1), log_dir=log_dir) as pipe, \
-            Client(pipe.entry, pipe.exit, window=4, timeout_s=600) as client:
+            pipe.client(window=4, timeout_s=600) as client:
         for _ in client.map([x] * 2):  # warm-up: fills caches, first-run allocations
             pass
         start = time.perf_counter()
@@ -360,17 +412,37 @@ def bench_efficiency(model: str, batch: int, count: int, rounds: int, pin: bool)
 
 def print_hops(rows: list[dict[str, Any]]) -> None:
     first = rows[0]
-    table = Table(title=f"Per-hop overhead, {first['hops']} hops, medians of {first['messages']} messages")
-    for col in ("activation", "raw pyzmq round trip", "agents round trip", "ONNX Runtime",
-                "in agent, outside ORT, per hop", "per link: raw / agents", "added vs raw per hop"):
+    table = Table(title=f"Per-hop overhead, {first['hops']} hops, medians of {first['messages']} messages per chain")
+    for col in ("activation", "raw pyzmq round trip", "agents round trip: CURVE / plaintext", "ONNX Runtime",
+                "in agent, outside ORT, per hop: CURVE / plain", "per link: raw / plain / CURVE",
+                "CURVE per link", "added vs raw per hop"):
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(r["activation"], f"{r['raw_round_trip_ms']:.2f} ms",
-                      f"{r['agent_round_trip_ms']:.2f} ms", f"{r['ort_ms']:.2f} ms",
-                      f"{r['outside_ort_per_hop_ms']:.3f} ms",
-                      f"{r['raw_per_link_ms']:.2f} / {r['agent_per_link_ms']:.2f} ms",
+                      f"{r['agent_round_trip_ms']:.2f} / {r['plain_round_trip_ms']:.2f} ms", f"{r['ort_ms']:.2f} ms",
+                      f"{r['outside_ort_per_hop_ms']:.3f} / {r['plain_outside_ort_per_hop_ms']:.3f} ms",
+                      f"{r['raw_per_link_ms']:.2f} / {r['plain_per_link_ms']:.2f} / {r['agent_per_link_ms']:.2f} ms",
+                      f"+{r['curve_per_link_ms']:.2f} ms ({r['curve_link_ratio']:.1f}x)",
                       f"{r['added_vs_raw_per_hop_ms']:.3f} ms")
     Console().print(table)
+
+
+def print_testbed(e: dict[str, Any]) -> None:
+    table = Table(title=f"CurveZMQ on a {e['bandwidth']} link: {e['model']}, 2 stages on 2 emulated devices "
+                        f"({e['device_cpu']} CPU each), {e['microbatches']} microbatches of {e['microbatch']}, "
+                        f"{e['rounds']} rounds (medians)")
+    for col in ("", "samples/s", "per round"):
+        table.add_column(col, justify="right")
+    table.add_row("plaintext (--insecure)", f"{e['plaintext_samples_s']:.3f}",
+                  ", ".join(f"{v:.3f}" for v in e["plaintext_per_round"]))
+    table.add_row("CurveZMQ (default)", f"{e['secure_samples_s']:.3f}",
+                  ", ".join(f"{v:.3f}" for v in e["secure_per_round"]))
+    table.add_row("secure / plaintext", f"{e['secure_over_plaintext']:.1%}",
+                  ", ".join(f"{v:.1%}" for v in e["ratio_per_round"]))
+    Console().print(table)
+    stages = " / ".join(f"{v:.0f}" for v in e["stage_compute_ms"])
+    busy = e["bottleneck_busy"]
+    Console().print(f"stage compute per microbatch (median): {stages} ms; slowest stage busy {busy:.0%}")
 
 
 def print_efficiency(e: dict[str, Any]) -> None:
@@ -399,7 +471,10 @@ def print_efficiency(e: dict[str, Any]) -> None:
 
 @app.command()
 def main(
-    only: str | None = typer.Option(None, "--only", help="Run one part: hop or efficiency."),
+    only: str | None = typer.Option(None, "--only", help="Run only these parts (comma-separated): hop, efficiency, "
+                                    "testbed."),
+    bandwidth: str = typer.Option("1 Gbps", "--bandwidth", help="Link rate for the testbed part."),
+    device_cpu: float = typer.Option(0.9, "--device-cpu", help="CPU share of each emulated device (testbed part)."),
     hops: int = typer.Option(3, "--hops", min=1, help="Agents (and raw relays) in the overhead chain."),
     messages: int = typer.Option(200, "--messages", min=10, help="Messages per overhead measurement."),
     model: str = typer.Option("vit_base_patch16_224", "--model", help="Model for the efficiency part."),
@@ -426,16 +501,20 @@ def main(
     if role == "whole":
         whole_worker(whole_model, batch, count, 1, whole_cpu)
         return
-    if only not in (None, "hop", "efficiency"):
-        typer.echo(f"bench_runtime: error: --only {only!r}: choose hop or efficiency", err=True)
+    parts = {"hop", "efficiency", "testbed"} if only is None else {p.strip() for p in only.split(",") if p.strip()}
+    if not parts or parts - {"hop", "efficiency", "testbed"}:
+        typer.echo(f"bench_runtime: error: --only {only!r}: choose from hop, efficiency, testbed", err=True)
         raise typer.Exit(2)
     result: dict[str, Any] = {"command": shlex.join([sys.executable, *sys.argv]), "machine": machine()}
-    if only in (None, "hop"):
+    if "hop" in parts:
         result["hops"] = bench_hops(hops, messages)
         print_hops(result["hops"])
-    if only in (None, "efficiency"):
+    if "efficiency" in parts:
         result["efficiency"] = bench_efficiency(model, batch, count, rounds, pin)
         print_efficiency(result["efficiency"])
+    if "testbed" in parts:
+        result["testbed"] = bench_testbed(model, batch, count, rounds, bandwidth, device_cpu)
+        print_testbed(result["testbed"])
     m = result["machine"]
     load = m["load_avg_at_start"][0]
     Console().print(f"machine: {m['cpu']}, {m['cores']} cores, load {load:.2f} at start; "

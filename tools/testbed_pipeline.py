@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from edgepipe.agent.client import Client
 from edgepipe.agent.device.profiler import robust_summary
 from edgepipe.agent.formats.bundle import read_manifest
-from edgepipe.agent.local import stop_processes
+from edgepipe.agent.local import PipelineKeys, stop_processes
 from testbed import Testbed
 
 DATA_PORT, RESULTS_PORT, CONTROL_PORT = 5550, 5551, 5560
@@ -52,20 +52,22 @@ class PipelineRun:
 
 def run_on_testbed(cluster_path: Path, bundle_dirs: list[Path], stage_devices: list[str],
                    batches: list[np.ndarray], threads: int = 1, warmup: int = 1,
-                   timeout_s: float = 600.0, workdir: Path | None = None) -> PipelineRun:
+                   timeout_s: float = 600.0, workdir: Path | None = None, secure: bool = True) -> PipelineRun:
     """Bring up a testbed for ``cluster_path`` and run the pipeline on it (``run_on_bed``)."""
     with Testbed(cluster_path, name=f"bench-{uuid.uuid4().hex[:8]}") as bed:
-        return run_on_bed(bed, bundle_dirs, stage_devices, batches, threads, warmup, timeout_s, workdir)
+        return run_on_bed(bed, bundle_dirs, stage_devices, batches, threads, warmup, timeout_s, workdir, secure)
 
 
 def run_on_bed(bed: Testbed, bundle_dirs: list[Path], stage_devices: list[str], batches: list[np.ndarray],
-               threads: int = 1, warmup: int = 1, timeout_s: float = 600.0, workdir: Path | None = None
-               ) -> PipelineRun:
+               threads: int = 1, warmup: int = 1, timeout_s: float = 600.0, workdir: Path | None = None,
+               secure: bool = True) -> PipelineRun:
     """Serve ``bundle_dirs`` on ``stage_devices`` of a testbed that is up and push ``batches``
-    through (the first ``warmup`` batches are sent first and not timed); the agents stop after."""
+    through (the first ``warmup`` batches are sent first and not timed); the agents stop after.
+    ``secure=False`` runs every hop in plaintext (--insecure), for measuring what CurveZMQ costs."""
     workdir = Path(workdir or bundle_dirs[0].parent).resolve()
     first = read_manifest(bundle_dirs[0]).inputs[0]
     n = len(stage_devices)
+    keys = PipelineKeys.make(workdir / "keys", n)  # secure, as a real deployment is
     procs: dict[int, subprocess.Popen] = {}
     try:
         ready = [workdir / f"ready-{i}.json" for i in range(n)]
@@ -74,7 +76,8 @@ def run_on_bed(bed: Testbed, bundle_dirs: list[Path], stage_devices: list[str], 
             ready[i].unlink(missing_ok=True)
             argv = [AGENT, "serve", str(Path(bundle_dirs[i]).resolve()), "--listen", bed.endpoint(name, DATA_PORT),
                     "--threads", str(threads), "--ready-file", str(ready[i]), "--log-level", "warning",
-                    "--max-batch", str(max(len(b) for b in batches))]
+                    "--max-batch", str(max(len(b) for b in batches)),
+                    *(keys.serve_args(i) if secure else ["--insecure"])]
             if i + 1 < n:
                 argv += ["--next", bed.endpoint(stage_devices[i + 1], DATA_PORT)]
             else:
@@ -83,7 +86,8 @@ def run_on_bed(bed: Testbed, bundle_dirs: list[Path], stage_devices: list[str], 
         _wait_ready(ready, list(procs.values()))
         entry, exit_ = bed.endpoint(stage_devices[0], DATA_PORT), bed.endpoint(stage_devices[-1], RESULTS_PORT)
         handed: list[float] = []
-        with Client(entry, exit_, timeout_s=timeout_s, window=n + 2) as client:
+        security = keys.client_kwargs() if secure else {"insecure": True}
+        with Client(entry, exit_, timeout_s=timeout_s, window=n + 2, **security) as client:
             for batch in batches[:warmup]:
                 client.run({first.name: batch})
             results = []

@@ -15,9 +15,17 @@ from pathlib import Path
 import numpy as np
 import typer
 from edgepipe.agent.client.client import Client, ClientError, Result
-from edgepipe.agent.client.inputs import InputError, inputs_from_bundle, inputs_from_shape, load_arrays, requests_from
+from edgepipe.agent.client.inputs import (
+    InputError,
+    ModelInputs,
+    inputs_from_bundle,
+    inputs_from_shape,
+    load_arrays,
+    requests_from,
+)
 from edgepipe.agent.client.report import ReportError, compare, print_prediction, read_prediction
 from edgepipe.agent.formats.bundle import BundleError
+from edgepipe.agent.formats.endpoints import EndpointsError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -45,6 +53,8 @@ class Report:
     errors: list[str]
     command: str
     machine: str
+    planned: int = 0  # requests the run was to send (more than ``requests`` if interrupted)
+    interrupted: bool = False  # Ctrl-C: the report covers the results that had arrived
 
 
 def percentile_ms(values: list[float], q: float) -> float:
@@ -97,18 +107,63 @@ Outcome = Result | ClientError
 Request = dict[str, np.ndarray]  # input name ("" for an unnamed single input) -> batch
 
 
+def make_client(entry: str | None, exit_: str | None, endpoints: Path | None, key: Path | None,
+                entry_key: str | None, exit_key: str | None, insecure: bool, **options: object) -> Client:
+    """The client the options describe: from an endpoints file, or from ENTRY and EXIT with the
+    devices' public keys; this client's key from --key or the key directory; or --insecure."""
+    from edgepipe.agent.formats.keys import KeyFileError, key_dir, load_keypair
+
+    try:
+        keypair = None if insecure or (endpoints is not None and key is None) else \
+            load_keypair(key or key_dir() / "client.key_secret")
+    except KeyFileError as exc:
+        raise SubmitError(f"--key: {exc}") from None
+    if endpoints is not None:
+        if entry or exit_:
+            raise SubmitError("give ENTRY and EXIT, or --endpoints FILE, not both")
+        return Client.from_endpoints(endpoints, keypair, **options)
+    if not entry or not exit_:
+        raise SubmitError("give ENTRY and EXIT (the first stage's --listen and the last stage's --results), "
+                          "or --endpoints FILE")
+    from edgepipe.agent.transport import TransportError, check_endpoint
+
+    try:
+        check_endpoint(entry, "ENTRY")
+        check_endpoint(exit_, "EXIT")
+    except TransportError as exc:
+        raise SubmitError(str(exc)) from None
+    if insecure:
+        return Client(entry, exit_, insecure=True, **options)
+    if not entry_key or not exit_key:
+        raise SubmitError("a secure pipeline needs --entry-key and --exit-key (the first and last devices' public "
+                          "keys), or --endpoints FILE; or --insecure for one started with --insecure")
+    return Client(entry, exit_, keypair=keypair, entry_key=entry_key, exit_key=exit_key, **options)
+
+
+def inputs_from_endpoints(endpoints: Path) -> ModelInputs:
+    """The model's inputs as the deployment's endpoints file lists them (names, dtypes, shapes)."""
+    from edgepipe.agent.formats.endpoints import load_endpoints
+
+    return ModelInputs(load_endpoints(endpoints).inputs)
+
+
 def submit_all(client: Client, batches: list[Request], warmup: int,
                on_result: Callable[[Outcome], None] | None = None) -> tuple[list[Outcome], float]:
-    """Warm up, then push every batch through ``client.results``; return outcomes and wall time."""
-    for outcome in client.results([batches[0]] * warmup, errors="return"):
-        if isinstance(outcome, ClientError):
-            raise outcome
+    """Warm up, then push every batch through ``client.results``; return outcomes and wall time.
+    On Ctrl-C, return what had arrived (KeyboardInterrupt is not raised)."""
     outcomes: list[Result | ClientError] = []
     start = time.perf_counter()
-    for outcome in client.results(iter(batches), errors="return"):
-        outcomes.append(outcome)
-        if on_result:
-            on_result(outcome)
+    try:
+        for outcome in client.results([batches[0]] * warmup, errors="return"):
+            if isinstance(outcome, ClientError):
+                raise outcome
+        start = time.perf_counter()
+        for outcome in client.results(iter(batches), errors="return"):
+            outcomes.append(outcome)
+            if on_result:
+                on_result(outcome)
+    except KeyboardInterrupt:
+        pass  # the caller sees fewer outcomes than batches
     return outcomes, time.perf_counter() - start
 
 
@@ -121,7 +176,7 @@ def make_report(outcomes: list[Result | ClientError], batches: list[Request], wa
     ok = [o for o in outcomes if isinstance(o, Result)]
     bad = [o for o in outcomes if not isinstance(o, Result)]
     latencies = [r.latency_s for r in ok]
-    samples = sum(samples_in(b) for b, o in zip(batches, outcomes, strict=True) if isinstance(o, Result))
+    samples = sum(samples_in(b) for b, o in zip(batches, outcomes, strict=False) if isinstance(o, Result))
     compute, overhead = stage_medians(ok)
     return Report(
         requests=len(outcomes), samples=samples, failed=len(bad), wall_s=wall_s,
@@ -131,6 +186,7 @@ def make_report(outcomes: list[Result | ClientError], batches: list[Request], wa
         stage_compute_ms=compute, stage_overhead_ms=overhead, errors=[str(e) for e in bad[:10]],
         command=shlex.join(["edgepipe-submit", *sys.argv[1:]]),
         machine=f"{platform.node()} {platform.machine()} {platform.processor() or ''}".strip(),
+        planned=len(batches), interrupted=len(outcomes) < len(batches),
     )
 
 
@@ -153,7 +209,9 @@ def print_report(report: Report) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="edgepipe-submit", show_header=False)
+    title = "edgepipe-submit" + (f" (interrupted: {report.requests} of {report.planned} requests done)"
+                                  if report.interrupted else "")
+    table = Table(title=title, show_header=False)
     table.add_row("requests (failed)", f"{report.requests} ({report.failed})")
     table.add_row("samples", str(report.samples))
     table.add_row("wall time", f"{report.wall_s:.3f} s")
@@ -171,8 +229,23 @@ def print_report(report: Report) -> None:
 
 @app.command()
 def submit(
-    entry: str = typer.Argument(..., metavar="ENTRY", help="First agent's --listen, e.g. tcp://dev0:5550."),
-    exit_: str = typer.Argument(..., metavar="EXIT", help="Last agent's --results address, e.g. tcp://dev2:5551."),
+    entry: str | None = typer.Argument(None, metavar="[ENTRY]", help="First agent's --listen, e.g. tcp://dev0:5550 "
+                                       "(or --endpoints)."),
+    exit_: str | None = typer.Argument(None, metavar="[EXIT]", help="Last agent's --results address, e.g. "
+                                       "tcp://dev2:5551."),
+    endpoints: Path | None = typer.Option(None, "--endpoints", metavar="FILE",
+                                          help="The deployment's endpoints.json (addresses, "
+                                          "public keys, model inputs) instead of ENTRY and EXIT."),
+    key: Path | None = typer.Option(None, "--key", metavar="FILE", help="This client's secret key file "
+                                    "[$EDGEPIPE_KEYS/client.key_secret, else ~/.config/edgepipe/keys/...]."),
+    entry_key: str | None = typer.Option(None, "--entry-key", metavar="KEY",
+                                         help="The first device's public key (Z85 or .key file)."),
+    exit_key: str | None = typer.Option(None, "--exit-key", metavar="KEY",
+                                        help="The last device's public key (Z85 or .key file)."),
+    insecure: bool = typer.Option(False, "--insecure", help="Plaintext, unauthenticated: only for a pipeline "
+                                  "started with --insecure."),
+    codec: str = typer.Option("raw", "--codec", metavar="CODEC",
+                              help="Compress float32 inputs on the way in: raw, fp16 or int8."),
     random: bool = typer.Option(False, "--random", help="Send random data (the default): with --bundle, token ids "
                                 "within the vocabulary, masks of ones, normal noise for real inputs."),
     npy: list[Path] = typer.Option([], "--npy", help="A .npy array of samples (axis 0), for a single-input model."),
@@ -187,8 +260,11 @@ def submit(
     count: int | None = typer.Option(None, "--count", "-n", min=1,
                                      help="Number of microbatches [8 for --random; all data otherwise]."),
     window: int = typer.Option(8, "--window", min=1, help="Requests in flight."),
-    timeout_s: float = typer.Option(30.0, "--timeout-s", help="Resend a request after this long."),
-    retries: int = typer.Option(2, "--retries", min=0, help="Resends before a request fails."),
+    timeout_s: float | None = typer.Option(None, "--timeout-s", help="Last resort: send a request again when "
+                                           "its result has not come after this long [5x the slowest recent "
+                                           "latency, at least 30 s; 120 s before the first result]. Faults are "
+                                           "handled without it."),
+    retries: int = typer.Option(2, "--retries", min=0, help="Last-resort resends before a request fails."),
     warmup: int = typer.Option(1, "--warmup", min=0, help="Microbatches sent first and not measured."),
     image_size: int = typer.Option(224, "--image-size", help="Square image size for --images."),
     mean: str = typer.Option("0.5,0.5,0.5", "--mean", help="Per-channel mean for --images (timm ViT)."),
@@ -211,19 +287,30 @@ def submit(
     compute and send; the client's submits and results. The file also keeps the raw records (and
     the plan, with --report) for `edgepipe-compile ... --from-run FILE.json`.
 
-    Example: edgepipe-submit tcp://dev0:5550 tcp://dev2:5551 --bundle stage-0 --random -b 8 -n 32
+    Ctrl-C prints the report of what has arrived so far (exit code 130).
+
+    Example: edgepipe-submit --endpoints build/vitb/endpoints.json --key client.key_secret --random -b 8 -n 32
+
+    or: edgepipe-submit tcp://dev0:5550 tcp://dev2:5551 --entry-key K0 --exit-key K2 --bundle stage-0 -n 32
     """
     if bool(npy or input_files) + (images is not None) + random > 1:
         raise _fail("give only one of --random, --npy/--input, --images")
     try:
         prediction = read_prediction(plan) if plan is not None else None
         batches = load_requests(bundle, shape, dtype, npy, input_files, images, image_size, mean, std,
-                                batch, count, seed)
-    except (SubmitError, InputError, BundleError, ReportError, TypeError) as exc:
+                                batch, count, seed, endpoints)
+        client = make_client(entry, exit_, endpoints, key, entry_key, exit_key, insecure, window=window,
+                             timeout_s=timeout_s, retries=retries, codec=codec)
+    except (SubmitError, InputError, BundleError, ReportError, TypeError, ValueError, EndpointsError) as exc:
         raise _fail(str(exc)) from None
+    except ClientError as exc:
+        raise _fail(str(exc), code=1) from None
+    if insecure:
+        typer.echo("edgepipe-submit: warning: --insecure: requests and results travel unauthenticated, in "
+                   "plaintext", err=True)
 
     try:
-        with Client(entry, exit_, window=window, timeout_s=timeout_s, retries=retries) as client:
+        with client:
             handed: list[float] = []  # when each result was handed over: the trace's client times
             outcomes, wall = _run_with_progress(client, batches, warmup, quiet=as_json, handed=handed)
             report = make_report(outcomes, batches, wall, client)
@@ -254,14 +341,20 @@ def submit(
         print_report(report)
         if compared is not None:
             print_prediction(compared)
-    raise typer.Exit(1 if report.failed else 0)
+    raise typer.Exit(130 if report.interrupted else 1 if report.failed else 0)
 
 
 def load_requests(bundle: Path | None, shape: str | None, dtype: str, npy: list[Path], input_files: list[str],
                   images: Path | None, image_size: int, mean: str, std: str, batch: int | None,
-                  count: int | None, seed: int) -> list[Request]:
-    """The requests the options ask for, checked against the model's inputs (agent/client/inputs.py)."""
-    model_inputs = inputs_from_bundle(bundle) if bundle is not None else None
+                  count: int | None, seed: int, endpoints: Path | None = None) -> list[Request]:
+    """The requests the options ask for, checked against the model's inputs (agent/client/inputs.py):
+    those of the first stage's bundle, else those the endpoints file lists, else --shape/--dtype."""
+    if bundle is not None:
+        model_inputs = inputs_from_bundle(bundle)
+    elif endpoints is not None and shape is None:
+        model_inputs = inputs_from_endpoints(endpoints)
+    else:
+        model_inputs = None
     if npy or input_files:
         arrays = load_arrays(input_files, npy)
     elif images is not None:

@@ -9,7 +9,9 @@ The toy pipeline (3 stages, F=16 features):
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +19,7 @@ from pathlib import Path
 import msgpack
 import numpy as np
 import onnx
+import zmq
 from edgepipe.agent.formats.bundle import (
     DATA_NAME,
     GRAPH_NAME,
@@ -25,7 +28,21 @@ from edgepipe.agent.formats.bundle import (
     file_entries,
     write_manifest,
 )
-from edgepipe.agent.formats.wire import Header, Limits, data_header, decode, encode
+from edgepipe.agent.formats.keys import KeyPair
+from edgepipe.agent.formats.wire import (
+    PROTOCOL_VERSION,
+    Header,
+    Heartbeat,
+    Limits,
+    ProtocolError,
+    ack_messages,
+    data_header,
+    decode,
+    encode,
+    encode_heartbeat,
+    parse,
+)
+from edgepipe.agent.transport import INSECURE, ClientAuth, connect_data, connect_results
 from onnx import TensorProto, helper, numpy_helper
 
 F = 16
@@ -180,3 +197,110 @@ def build_slow_pipeline(root: Path, matmuls: int = 12, size: int = 1024) -> list
                       [numpy_helper.from_array(np.zeros((1,), np.float32), "zero")], [y], [z], 1, 2,
                       model_id="slow")
     return [s0, s1]
+
+
+# ---- raw v2 peers: what an attacker or a buggy client can send ---------------------------------
+
+class RawPeer:
+    """A DEALER speaking the wire protocol by hand to a stage's --listen (or, ``results=True``, to
+    the last stage's --results), for messages the Client would never produce. ``keypair`` None
+    connects in plaintext (to an --insecure stage, or to see a secure one refuse it)."""
+
+    def __init__(self, endpoint: str, *, keypair: KeyPair | None = None, server_key: str | bytes | None = None,
+                 results: bool = False, client_id: str = "raw", insecure: bool = False) -> None:
+        self.ctx = zmq.Context()
+        auth = INSECURE if insecure or keypair is None else ClientAuth(
+            keypair, server_key.encode() if isinstance(server_key, str) else server_key)
+        self.sock = (connect_results if results else connect_data)(self.ctx, endpoint, auth=auth)
+        self.client_id = client_id
+        self.inc = f"raw{id(self):x}"[:12]
+        self.credit: tuple[int, int] | None = None
+        self.tx = 0
+
+    def hello(self, timeout_s: float = 10.0) -> bool:
+        """Heartbeat until the other side answers with one (False if it never does)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.heartbeat()
+            for message in self.messages(0.05):
+                if isinstance(message, Heartbeat):
+                    self.credit = message.credit
+                    return True
+        return False
+
+    def heartbeat(self, txs: int = 0) -> None:
+        hb = Heartbeat(self.inc, "client", None, "", self.client_id, "", 0, None, self.tx, txs)
+        with contextlib.suppress(zmq.Again):
+            self.sock.send(encode_heartbeat(hb), zmq.NOBLOCK)
+
+    def send(self, frames: list) -> bool:
+        """False if nothing could take it (no completed connection, or a full pipe)."""
+        try:
+            self.sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        self.tx += 1
+        return True
+
+    def ack(self, rids: list) -> None:
+        for message in ack_messages(rids, []):
+            with contextlib.suppress(zmq.Again):
+                self.sock.send(message, zmq.NOBLOCK)
+
+    def messages(self, timeout_s: float) -> list:
+        """Every message that arrives within ``timeout_s`` (parsed; raw frames if unparseable)."""
+        out = []
+        deadline = time.monotonic() + timeout_s
+        while True:
+            wait = max(0, int((deadline - time.monotonic()) * 1000))
+            if not self.sock.poll(wait):
+                return out
+            frames = self.sock.recv_multipart(copy=False)
+            try:
+                out.append(parse(frames, Limits(max_tensors=64)))
+            except ProtocolError:
+                out.append(frames)
+
+    def data(self, timeout_s: float, count: int = 1) -> list[tuple[Header, list[np.ndarray]]]:
+        """The first ``count`` data or error messages within ``timeout_s`` (heartbeats are answered)."""
+        found: list = []
+        deadline = time.monotonic() + timeout_s
+        while len(found) < count and time.monotonic() < deadline:
+            for message in self.messages(0.1):
+                if isinstance(message, tuple):
+                    found.append(message)
+            self.heartbeat()
+        return found
+
+    def close(self) -> None:
+        self.sock.close(0)
+        self.ctx.term()
+
+    def __enter__(self) -> RawPeer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def v2_frames(client: str, seq: int, x: np.ndarray, **overrides: object) -> list:
+    """A request as a client sends it, with header fields overridden by hand."""
+    raw = {"v": PROTOCOL_VERSION, "kind": "data", "client": client, "seq": seq,
+           "tensors": [["x", str(x.dtype), list(x.shape)]], "trace": []}
+    raw.update(overrides)
+    return [msgpack.packb(raw), x]
+
+
+def free_endpoint() -> str:
+    """A loopback endpoint nothing listens on (bound and released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def exit_counts(log_text: str) -> dict[str, int]:
+    """The counters of the last ``exit ...`` line of an agent's log (one incarnation's lifetime)."""
+    lines = [ln for ln in log_text.splitlines() if " exit requests_in=" in ln]
+    if not lines:
+        return {}
+    return {k: int(v) for k, v in (kv.split("=") for kv in lines[-1].split(" exit ", 1)[1].split())}

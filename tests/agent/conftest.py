@@ -7,13 +7,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import zmq
 
 sys.path.insert(0, str(Path(__file__).parent))  # agent_testlib, whatever pytest's import mode
 
-from agent_testlib import build_toy
+from agent_testlib import RawPeer, build_toy
+from edgepipe.agent.formats.keys import KeyPair
 from edgepipe.agent.local import LocalPipeline
-from edgepipe.agent.transport import INSECURE, connect_dealer, connect_push
 
 
 @pytest.fixture(scope="session")
@@ -24,32 +23,32 @@ def toy_bundles(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 @pytest.fixture(scope="session")
 def toy_pipeline(toy_bundles: list[Path],
                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPipeline]:
-    """The toy pipeline, 3 agent processes, shared by the tests that leave it running. max_batch 8;
-    the exit holds results for an absent client 1 s."""
+    """The toy pipeline, 3 agent processes shared by the tests that leave it running: secure
+    (ephemeral keys; two authorised client keys, ``client_keypairs[1]`` playing the attacker or the
+    other client), max_batch 8, results held 1 s for an absent client, heartbeats every 0.2 s,
+    counters readable with ``pipe.status(i)``."""
     with LocalPipeline(toy_bundles, max_batch=8, log_dir=tmp_path_factory.mktemp("toy-logs"),
-                       agent_args=["--hold-s", "1"]) as pipe:
+                       agent_args=["--hold-s", "1"], heartbeat_s=0.2, clients=2, control=True) as pipe:
         yield pipe
 
 
 @pytest.fixture
-def raw_exchange(toy_pipeline: LocalPipeline) -> Iterator[Callable[..., list[zmq.Frame] | None]]:
-    """send(frames, client_id, timeout_s) -> the first message routed back to client_id (None on
-    timeout). Raw ZeroMQ, for messages the Client would never produce."""
-    ctx = zmq.Context()
-    socks: list[zmq.Socket] = []
+def raw_peers(toy_pipeline: LocalPipeline) -> Iterator[Callable[..., RawPeer]]:
+    """peer(where, client_id, keypair=None) -> a RawPeer to the toy pipeline's entry ("entry") or
+    exit ("exit"), authenticated with the first client key unless another keypair is given."""
+    made: list[RawPeer] = []
 
-    def send(frames: list, client_id: str, timeout_s: float = 10.0) -> list[zmq.Frame] | None:
-        dealer = connect_dealer(ctx, toy_pipeline.exit, auth=INSECURE, routing_id=client_id.encode())
-        push = connect_push(ctx, toy_pipeline.entry, auth=INSECURE)
-        socks.extend([dealer, push])
-        push.send_multipart(frames, copy=False)
-        if not dealer.poll(int(timeout_s * 1000)):
-            return None
-        return dealer.recv_multipart(copy=False)
+    def peer(where: str, client_id: str, keypair: KeyPair | None = None) -> RawPeer:
+        keypair = keypair or toy_pipeline.client_keypair
+        if where == "entry":
+            p = RawPeer(toy_pipeline.entry, keypair=keypair, server_key=toy_pipeline.stage_keys(0)[0],
+                        client_id=client_id)
+        else:
+            p = RawPeer(toy_pipeline.exit, keypair=keypair, server_key=toy_pipeline.stage_keys(2)[0],
+                        results=True, client_id=client_id)
+        made.append(p)
+        return p
 
-    yield send
-    for sock in socks:
-        sock.close(0)
-    ctx.term()
-
-
+    yield peer
+    for p in made:
+        p.close()

@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pytest
 from agent_testlib import blocked_imports_env
 from edgepipe.agent.formats.bundle import read_manifest
 from edgepipe.agent.local import LocalPipeline
@@ -31,13 +30,6 @@ def test_agents_serve_int8_stages_as_the_compiler_measured(vit_tiny_build, tmp_p
         assert float(np.abs(got - want).max()) <= 1e-4 * max(1.0, float(np.abs(want).max()))
 
 
-def _serve_has_codecs() -> bool:
-    from edgepipe.agent.device import stage
-
-    return "codec" in getattr(stage.AgentConfig, "__dataclass_fields__", {})
-
-
-@pytest.mark.skipif(not _serve_has_codecs(), reason="needs the data plane v2 (serve --codec, branch dataplane)")
 def test_compressed_hops_deliver_what_the_compiler_measured(vit_tiny_build, tmp_path: Path) -> None:
     """Agents sending their outputs in fp16 and int8 (`serve --codec`) give, bit for bit up to ORT's
     thread-dependent rounding, what the compiler's codecs.roundtrip-based check computed: the error

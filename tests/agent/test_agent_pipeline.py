@@ -3,10 +3,11 @@ back-pressure."""
 
 from __future__ import annotations
 
+import contextlib
 import os
-import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -14,15 +15,26 @@ import pytest
 import zmq
 from agent_testlib import (
     build_identity_chain,
-    decode_reply,
+    free_endpoint,
     process_alive,
     toy_input,
     toy_reference,
+    wait_for,
 )
 from edgepipe.agent.client import Client, ClientError, RequestTimeout, Result
-from edgepipe.agent.formats.wire import Limits, data_header, decode, encode
+from edgepipe.agent.formats.wire import (
+    Ack,
+    Header,
+    Heartbeat,
+    Limits,
+    data_header,
+    encode,
+    encode_ack,
+    encode_heartbeat,
+    parse,
+)
 from edgepipe.agent.local import LocalPipeline
-from edgepipe.agent.transport import INSECURE, bind_pull, bind_router, bound_endpoint, connect_push
+from edgepipe.agent.transport import INSECURE, bind_data, bind_results, bound_endpoint
 
 
 def _assert_matches(outputs: dict[str, np.ndarray], x: np.ndarray) -> None:
@@ -92,49 +104,81 @@ def test_two_clients_interleaved_each_get_their_own_results(toy_pipeline: LocalP
         _assert_matches(out, x)
 
 
-def test_client_resends_after_timeout_and_drops_the_late_duplicate() -> None:
-    """A hand-played pipeline (raw sockets in a thread, speaking the protocol) ignores the first
-    attempt, answers the resend, then answers the first attempt late: the client returns one result,
-    both attempts carry the same request id, and the late duplicate is dropped."""
-    ctx = zmq.Context()
-    entry = bind_pull(ctx, "tcp://127.0.0.1:0", auth=INSECURE, max_frame_bytes=None)
-    exit_ = bind_router(ctx, "tcp://127.0.0.1:0", auth=INSECURE)
-    seen: list[tuple[str, int]] = []
+class _HandPlayed:
+    """A pipeline played by hand in a thread (an entry ROUTER and an exit ROUTER speaking the wire
+    protocol, insecure): it grants credit and acknowledges like a stage, and answers each request
+    as ``answer(header, x)`` says: a list of result arrays to send (several: duplicates), or none."""
 
-    def play() -> None:
-        for _ in range(2):  # request 0 twice (attempt 1 ignored, attempt 2 answered), then request 1
-            first, _ = decode(entry.recv_multipart(copy=False), Limits())
-            header, (x,) = decode(entry.recv_multipart(copy=False), Limits())
-            seen.extend([(first.client, first.seq), (header.client, header.seq)])
-            reply = encode(data_header(header.client, header.seq, {"out": x + 1}), [x + 1])
-            exit_.send_multipart([header.client.encode(), *reply])
-            exit_.send_multipart([header.client.encode(), *reply])  # the late answer to attempt 1
+    def __init__(self, answer: Callable[[Header, np.ndarray], list[np.ndarray]]) -> None:
+        self.ctx = zmq.Context()
+        self.entry = bind_data(self.ctx, "tcp://127.0.0.1:0", auth=INSECURE, max_frame_bytes=None)
+        self.exit = bind_results(self.ctx, "tcp://127.0.0.1:0", auth=INSECURE)
+        self.answer, self.seen, self.stop = answer, [], threading.Event()
+        self.thread = threading.Thread(target=self._play, daemon=True)
+        self.thread.start()
 
-    player = threading.Thread(target=play, daemon=True)
-    player.start()
+    def _play(self) -> None:
+        hb = encode_heartbeat(Heartbeat("handplayed", "stage", 0, credit=(8, 2**30)))
+        clients: set[bytes] = set()
+        while not self.stop.is_set():
+            for sock in (self.entry, self.exit):
+                while sock.poll(10):
+                    route, *frames = sock.recv_multipart(copy=False)
+                    message = parse(frames, Limits())
+                    if isinstance(message, Heartbeat):
+                        with contextlib.suppress(zmq.ZMQError):
+                            sock.send_multipart([route.bytes, hb])
+                        if sock is self.exit:
+                            clients.add(route.bytes)
+                    elif isinstance(message, tuple) and sock is self.entry:
+                        header, (x,) = message
+                        self.seen.append((header.client, header.seq, header.attempt))
+                        self.entry.send_multipart([route.bytes, encode_ack(Ack((header.request_id,),
+                                                                               (header.request_id,)))])
+                        for out in self.answer(header, np.array(x)):
+                            reply = encode(data_header(header.client, header.seq, {"out": out}), [out])
+                            for client in clients:
+                                with contextlib.suppress(zmq.ZMQError):  # that client has left
+                                    self.exit.send_multipart([client, *reply])
+
+    @property
+    def endpoints(self) -> tuple[str, str]:
+        return bound_endpoint(self.entry), bound_endpoint(self.exit)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(10)
+        self.entry.close(0)
+        self.exit.close(0)
+        self.ctx.term()
+
+
+def test_client_resends_as_a_last_resort_and_drops_the_late_duplicate() -> None:
+    """The hand-played pipeline ignores a request's first attempt and answers the second (a
+    last-resort resend, same request id, attempt 1) twice: the client returns one result and
+    counts the other as a duplicate."""
+    def answer(header: Header, x: np.ndarray) -> list[np.ndarray]:
+        return [] if header.attempt == 0 else [x + 1, x + 1]
+
+    player = _HandPlayed(answer)
     try:
-        with Client(bound_endpoint(entry), bound_endpoint(exit_), client_id="resender", timeout_s=0.3,
-                    retries=2) as client:
+        entry, exit_ = player.endpoints
+        with Client(entry, exit_, insecure=True, client_id="resender", timeout_s=0.5, retries=2) as client:
             x = toy_input(2, 0)
             result = client.result(client.submit(x))
             np.testing.assert_array_equal(result.outputs["out"], x + 1)
             assert result.attempts == 2 and client.resends == 1
-            client.result(client.submit(x))  # while waiting, the duplicate of request 0 arrives
-            assert client.duplicates >= 1
-        player.join(10)
-        assert seen[:2] == [("resender", 0), ("resender", 0)]
+            assert wait_for(lambda: (client._pump(), client.duplicates)[1] >= 1, timeout_s=10)
+        assert player.seen[:2] == [("resender", 0, 0), ("resender", 0, 1)]
     finally:
-        entry.close(0)
-        exit_.close(0)
-        ctx.term()
+        player.close()
 
 
 def test_request_without_any_answer_times_out_after_retries() -> None:
-    ctx = zmq.Context()
-    entry = bind_pull(ctx, "tcp://127.0.0.1:0", auth=INSECURE, max_frame_bytes=None)
-    exit_ = bind_router(ctx, "tcp://127.0.0.1:0", auth=INSECURE)
+    player = _HandPlayed(lambda header, x: [])
     try:
-        with Client(bound_endpoint(entry), bound_endpoint(exit_), timeout_s=0.2, retries=1) as client:
+        entry, exit_ = player.endpoints
+        with Client(entry, exit_, insecure=True, timeout_s=0.2, retries=1) as client:
             seq = client.submit(toy_input(1, 0))
             with pytest.raises(RequestTimeout, match=r"no result after 2 attempt\(s\) of 0.2 s") as info:
                 client.result(seq)
@@ -142,58 +186,66 @@ def test_request_without_any_answer_times_out_after_retries() -> None:
             outcomes = list(client.map([toy_input(1, 1)], errors="return"))
             assert isinstance(outcomes[0], RequestTimeout)
     finally:
-        entry.close(0)
-        exit_.close(0)
-        ctx.term()
+        player.close()
 
 
 def test_entry_that_is_not_running_is_a_clear_error() -> None:
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.PULL)
-    sock.bind("tcp://127.0.0.1:0")
-    free_endpoint = bound_endpoint(sock)
-    sock.close(0)  # the port is now closed: nothing listens there
-    ctx.term()
-    with Client(free_endpoint, "tcp://127.0.0.1:1", timeout_s=0.3) as client, \
-            pytest.raises(ClientError, match=r"accepted no request for 0\.3 s"):
-        client.submit(toy_input(1, 0))
+    with Client(free_endpoint(), free_endpoint(), insecure=True, timeout_s=0.3) as client, \
+            pytest.raises(ClientError, match=r"no answer from the entry tcp://127.0.0.1:\d+ for 0\.\d s"):
+        client.run(toy_input(1, 0))
+
+
+def test_a_secure_client_needs_keys_or_insecure_by_name() -> None:
+    with pytest.raises(ValueError, match="needs this client's keypair and the entry's and exit's public keys"):
+        Client("tcp://127.0.0.1:1", "tcp://127.0.0.1:2")
 
 
 def test_slow_stage_applies_back_pressure_without_buffering(tmp_path: Path) -> None:
-    """Freeze the last agent (SIGSTOP). Upstream must stop taking work after a bounded number of
-    1 MiB messages (HWMs + 2-slot queues + TCP buffers), not buffer everything sent; after SIGCONT
-    every message comes through intact."""
+    """Freeze the last agent (SIGSTOP). The client gets only its credit at the entry onto the wire
+    (each stage takes its upstream's work only as it passes it on), and ``submit`` blocks instead of
+    buffering; after SIGCONT every message comes through intact and in order."""
     dirs = build_identity_chain(tmp_path / "id", 2, (256, 1024))
-    sample = np.random.default_rng(0).random((1, 256, 1024), dtype=np.float32)
-    with LocalPipeline(dirs, max_batch=2, log_dir=tmp_path / "logs") as pipe:
-        last = pipe.agents[-1].process
-        ctx = zmq.Context()
-        push = connect_push(ctx, pipe.entry, auth=INSECURE, hwm=2)
-        dealer = ctx.socket(zmq.DEALER)
-        dealer.setsockopt(zmq.ROUTING_ID, b"bp")
-        dealer.connect(pipe.exit)
+    samples = [np.full((1, 256, 1024), i, np.float32) for i in range(40)]
+    outputs: list[np.ndarray] = []
+    with LocalPipeline(dirs, max_batch=2, log_dir=tmp_path / "logs", heartbeat_s=0.2) as pipe, \
+            pipe.client(window=len(samples)) as client:
+        pipe.pause(1)
+
+        def use_client() -> None:  # the client belongs to this thread from now on
+            seqs = [client.submit({"t0": s}) for s in samples]
+            outputs.extend(client.result(seq).outputs["t2"] for seq in seqs)
+
+        user = threading.Thread(target=use_client)
         try:
-            os.kill(last.pid, signal.SIGSTOP)
-            accepted = 0
-            deadline = time.monotonic() + 15
-            while accepted < 400 and time.monotonic() < deadline:
-                if not push.poll(500, zmq.POLLOUT):
-                    break  # blocked: back-pressure reached the client
-                frames = encode(data_header("bp", accepted, {"t0": sample}), [sample])
-                push.send_multipart(frames, copy=False)
-                accepted += 1
-            assert accepted < 100, f"{accepted} MiB accepted by a pipeline whose last stage is frozen"
-            os.kill(last.pid, signal.SIGCONT)
-            seen = set()
-            while len(seen) < accepted:
-                assert dealer.poll(20000), f"only {len(seen)}/{accepted} results after SIGCONT"
-                header, (out,) = decode_reply(dealer.recv_multipart(copy=False))
-                assert header.kind == "data"
-                np.testing.assert_array_equal(out, sample)
-                seen.add(header.seq)
-            assert seen == set(range(accepted))
+            user.start()
+            time.sleep(3)
+            sent = client._outbox.sent  # an int written by the other thread
+            assert 0 < sent <= 8, f"{sent} MiB sent into a pipeline whose last stage is frozen (credit 4 per hop)"
         finally:
-            os.kill(last.pid, signal.SIGCONT)
-            push.close(0)
-            dealer.close(0)
-            ctx.term()
+            pipe.resume(1)
+        user.join(120)
+    assert len(outputs) == len(samples)
+    for out, sample in zip(outputs, samples, strict=True):
+        np.testing.assert_array_equal(out, sample)
+
+
+def test_last_resort_timeout_follows_the_measured_latency(toy_pipeline: LocalPipeline) -> None:
+    """No fixed 30 s: 120 s before anything is measured (a first result may be slow), then five
+    times the slowest recent latency, at least 30 s; a timeout given explicitly is kept."""
+    from edgepipe.agent.client.client import FIRST_TIMEOUT_S, MIN_TIMEOUT_S, TIMEOUT_FACTOR
+
+    with toy_pipeline.client() as client:
+        assert client.timeout_s == FIRST_TIMEOUT_S
+        latencies = [client.result(client.submit(toy_input(2, s))).latency_s for s in range(5)]
+        assert client.timeout_s == max(MIN_TIMEOUT_S, TIMEOUT_FACTOR * max(latencies))
+    with toy_pipeline.client(timeout_s=7.5) as client:
+        client.run(toy_input(1, 0))
+        assert client.timeout_s == 7.5
+
+
+def test_a_client_left_idle_then_used_is_not_taken_for_unreachable(toy_pipeline: LocalPipeline) -> None:
+    """Time the caller spends elsewhere is not time the pipeline failed to answer."""
+    with toy_pipeline.client(timeout_s=1.0) as client:
+        time.sleep(2.5)  # longer than the 1 s the client allows an entry to answer at all
+        x = toy_input(2, 9)
+        np.testing.assert_allclose(client.run(x)["out"], toy_reference(x)["out"], atol=1e-5)

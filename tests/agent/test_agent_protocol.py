@@ -2,22 +2,31 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import msgpack
 import numpy as np
 import pytest
 import zmq
+from edgepipe.agent.formats import codecs
 from edgepipe.agent.formats.bundle import SUPPORTED_DTYPES, TensorSpec
 from edgepipe.agent.formats.wire import (
     MAX_ERROR_CHARS,
     PROTOCOL_VERSION,
+    Ack,
     Header,
+    Heartbeat,
     Limits,
     ProtocolError,
     StageRecord,
+    ack_messages,
     data_header,
     decode,
     encode,
+    encode_ack,
+    encode_heartbeat,
     error_header,
+    parse,
     stage_limits,
 )
 from edgepipe.agent.transport import recv_frames
@@ -129,7 +138,19 @@ def test_unanswerable_messages_carry_no_request_id(frames: list, match: str) -> 
     (_raw(kind="ping"), None, "kind 'ping'"),
     (_raw(extra=1), None, "unknown fields"),
     (_raw(tensors=[["x", "complex64", [2, 4, 3]], ["ids", "int64", [2]]]), None, "'complex64' not supported"),
-    (_raw(tensors=[["x", "float32", [2, 4, -3]], ["ids", "int64", [2]]]), None, "is not a list of at most"),
+    (_raw(tensors=[["x", "float32", [2, 4, -3]], ["ids", "int64", [2]]]), None, "axis 2 is -3; sizes are integers"),
+    (_raw(tensors=[["x", "float32", [2, 4, 2**40]], ["ids", "int64", [2]]]), None, "axis 2 is 1099511627776"),
+    (_raw(tensors=[["x", "float32", [2, 4, 3.0]], ["ids", "int64", [2]]]), None, "axis 2 is 3.0"),
+    (_raw(tensors=[["x", "float32", [1] * 17], ["ids", "int64", [2]]]), None, "rank 17, at most 16"),
+    (_raw(tensors=[["x", "float32", "2x4x3"], ["ids", "int64", [2]]]), None, "shape '2x4x3' is not a list"),
+    (_raw(v=1.0), None, "protocol version 1.0 not supported"),
+    (_raw(v=True), None, "protocol version True not supported"),
+    (_raw(v=1), None, r"protocol version 1 not supported \(this agent speaks 2\)"),
+    (_raw(tensors=[["x", "float32", [2, 4, 3], "zip"], ["ids", "int64", [2]]]), None, "codec 'zip' not supported"),
+    (_raw(tensors=[["x", "float32", [2, 4, 3]], ["ids", "int64", [2], "fp16"]]), None,
+     "codec fp16 applies to float32 tensors only, not int64"),
+    (_raw(ls=-1), None, "ls -1 is not a link sequence number"),
+    (_raw(attempt="1"), None, "attempt '1' is not an attempt number"),
     (_raw(tensors=[["x", "float32", [2, 4, 3]]]), {"x": _arrays()["x"]}, "stage takes 2 input tensors"),
     (_raw(tensors=[["x", "float64", [2, 4, 3]], ["ids", "int64", [2]]]), None, "float64, stage expects"),
     (_raw(tensors=[["x", "float32", [2, 4, 4]], ["ids", "int64", [2]]]), None, "axis 2 is 4, must be 3"),
@@ -210,3 +231,61 @@ def test_recv_frames_caps_frames_kept() -> None:
         b.close(0)
     finally:
         ctx.term()
+
+
+def test_largest_axis_is_accepted() -> None:
+    raw = _raw(tensors=[["x", "float32", [0, 4, 2**40 - 1]], ["ids", "int64", [0]]])
+    got, _ = decode([msgpack.packb(raw), b"", b""], Limits())
+    assert got.tensors[0].shape == (0, 4, 2**40 - 1)
+
+
+def test_compressed_tensors_round_trip_through_their_codec() -> None:
+    x = np.random.default_rng(1).standard_normal((3, 4, 64)).astype(np.float32)
+    for codec in ("fp16", "int8"):
+        header = data_header("c", 1, {"x": x}, codec=codec)
+        assert header.tensors[0].codec == codec
+        frames = encode(header, [x])
+        assert memoryview(frames[1]).nbytes == header.tensors[0].wire_nbytes < x.nbytes
+        got, (y,) = decode([bytes(memoryview(f)) for f in frames], Limits())
+        assert got == header and y.dtype == np.float32
+        np.testing.assert_array_equal(y, codecs.roundtrip(x, codec))
+    ints = np.arange(6).reshape(2, 3)
+    assert data_header("c", 1, {"i": ints}, codec="int8").tensors[0].codec == "raw"  # only float32 compresses
+    nan = x.copy()
+    nan[0, 0, 0] = np.nan
+    assert data_header("c", 1, {"x": nan}, codec="fp16").tensors[0].codec == "raw"  # a scale cannot carry NaN
+
+
+def test_heartbeats_and_acks_round_trip_and_are_checked() -> None:
+    hb = Heartbeat("abc123", "stage", 2, "dev2", "", "dep", 3, (4, 2**26), 17, 9)
+    assert parse([encode_heartbeat(hb)], Limits()) == hb
+    ack = Ack((("K", "c", 1), ("", "c", 2)), (("K", "c", 1),))
+    assert parse([encode_ack(ack)], Limits()) == ack
+    for bad, match in [({"v": 2, "kind": "hb", "inc": "", "role": "stage"}, "'inc' must not be empty"),
+                       ({"v": 2, "kind": "hb", "inc": "a", "role": "boss"}, "'role' must be"),
+                       ({"v": 2, "kind": "hb", "inc": "a", "role": "stage", "credit": [1]}, "'credit'"),
+                       ({"v": 2, "kind": "ack", "recv": [["K", "c"]]}, "is not \\[owner, client, seq\\]"),
+                       ({"v": 2, "kind": "ack", "recv": [["K", "c", -1]]}, "not a valid request id"),
+                       ({"v": 3, "kind": "ack"}, "protocol version 3"),
+                       ({"v": 2, "kind": "hb", "inc": "a", "role": "stage", "x": 1}, "unknown fields")]:
+        with pytest.raises(ProtocolError, match=match):
+            parse([msgpack.packb(bad)], Limits())
+    with pytest.raises(ProtocolError, match="one frame"):
+        parse([encode_heartbeat(hb), b"extra"], Limits())
+    with pytest.raises(ProtocolError, match="expected a data or error message"):
+        decode([encode_heartbeat(hb)], Limits())
+    ids = [("K", "c", s) for s in range(2500)]
+    messages = ack_messages(ids, ids[:10])
+    assert len(messages) == 3
+    assert sum(len(parse([m], Limits()).recv) for m in messages) == 2500
+
+
+def test_owner_and_link_sequence_travel_in_the_header_and_default_when_omitted() -> None:
+    x = np.zeros((1, 4, 3), np.float32)
+    header = replace(data_header("c", 5, {"x": x, "ids": np.arange(1)}), owner="KEY", ls=12, attempt=2)
+    got, _ = decode(encode(header, [x, np.arange(1)]), LIMITS)
+    assert (got.owner, got.ls, got.attempt, got.request_id) == ("KEY", 12, 2, ("KEY", "c", 5))
+    minimal = msgpack.packb({"v": 2, "kind": "data", "client": "c", "seq": 5,
+                             "tensors": [["x", "float32", [1, 4, 3]], ["ids", "int64", [1]]]})
+    got, _ = decode([minimal, x.tobytes(), np.arange(1).tobytes()], LIMITS)
+    assert (got.owner, got.ls, got.attempt, got.trace, got.error) == ("", 0, 0, (), None)

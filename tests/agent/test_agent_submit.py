@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from agent_testlib import POISON, build_identity_chain, toy_input, toy_reference
+from agent_testlib import POISON, build_identity_chain, build_slow_pipeline, toy_input, toy_reference, wait_for
+from edgepipe.agent.client import Client
+from edgepipe.agent.formats.endpoints import save_endpoints
 from edgepipe.agent.local import LocalPipeline
 
 SUBMIT = str(Path(sys.executable).parent / "edgepipe-submit")
 
 
 def _submit(pipe: LocalPipeline, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([SUBMIT, pipe.entry, pipe.exit, *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([SUBMIT, *pipe.submit_args(), *args], capture_output=True, text=True, timeout=120)
 
 
 def test_random_batches_report_throughput_latency_and_stages(toy_pipeline: LocalPipeline,
@@ -79,19 +84,75 @@ def test_bad_options_are_one_line_errors(toy_pipeline: LocalPipeline, tmp_path: 
 
 
 def test_malformed_endpoint_is_a_one_line_error() -> None:
-    result = subprocess.run([SUBMIT, "tcp://127.0.0.1:9", "dev2:5551", "--shape", "16"], capture_output=True,
-                            text=True, timeout=60)
-    assert result.returncode == 1
+    result = subprocess.run([SUBMIT, "tcp://127.0.0.1:9", "dev2:5551", "--shape", "16", "--insecure"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "edgepipe-submit: error: cannot connect to dev2:5551: Invalid argument (addr='dev2:5551')"]
+        "edgepipe-submit: error: EXIT 'dev2:5551' has no transport; did you mean tcp://dev2:5551?"]
 
 
 def test_unreachable_pipeline_is_a_one_line_error() -> None:
-    args = ["tcp://127.0.0.1:9", "tcp://127.0.0.1:9", "--shape", "16", "--timeout-s", "0.5"]
+    args = ["tcp://127.0.0.1:9", "tcp://127.0.0.1:9", "--shape", "16", "--timeout-s", "0.5", "--insecure"]
     result = subprocess.run([SUBMIT, *args], capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
-    (line,) = result.stderr.strip().splitlines()
-    assert "accepted no request for 0.5 s (is the first agent running?)" in line
+    (warning, line) = result.stderr.strip().splitlines()
+    assert "warning: --insecure" in warning
+    assert "no answer from the entry tcp://127.0.0.1:9 for 0.5 s (is the first agent running?" in line
+
+
+def test_secure_by_default_without_keys_is_a_one_line_error() -> None:
+    result = subprocess.run([SUBMIT, "tcp://127.0.0.1:9", "tcp://127.0.0.1:9", "--shape", "16", "--key",
+                             "/nonexistent/client.key_secret"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("edgepipe-submit: error: --key: /nonexistent/client.key_secret: no such "
+                                     "secret key file (create one with `edgepipe-agent keygen`)")
+    result = subprocess.run([SUBMIT, "tcp://127.0.0.1:9", "tcp://127.0.0.1:9", "--shape", "16"],
+                            capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "EDGEPIPE_KEYS": "/nonexistent"})
+    assert result.returncode == 2 and "client.key_secret: no such secret key file" in result.stderr
+
+
+def test_endpoints_file_names_addresses_keys_and_the_input(toy_pipeline: LocalPipeline, tmp_path: Path) -> None:
+    endpoints = toy_pipeline.write_endpoints(tmp_path / "endpoints.json")
+    result = subprocess.run([SUBMIT, "--endpoints", str(endpoints), "--key", str(toy_pipeline.client_key_file),
+                             "-b", "3", "-n", "4", "--json"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert (report["requests"], report["samples"], report["failed"]) == (4, 12, 0)
+    keys_dir = tmp_path / "keys"  # the client key found in the key directory, as on a real client machine
+    keys_dir.mkdir()
+    (keys_dir / "client.key_secret").write_bytes(toy_pipeline.client_key_file.read_bytes())
+    (keys_dir / "client.key_secret").chmod(0o600)
+    result = subprocess.run([SUBMIT, "--endpoints", str(endpoints), "-n", "2", "--json"], capture_output=True,
+                            text=True, timeout=120, env={**os.environ, "EDGEPIPE_KEYS": str(keys_dir)})
+    assert result.returncode == 0, result.stderr
+
+
+def test_client_from_endpoints(toy_pipeline: LocalPipeline, tmp_path: Path) -> None:
+    endpoints = toy_pipeline.write_endpoints(tmp_path / "endpoints.json")
+    with Client.from_endpoints(endpoints, toy_pipeline.client_keypair) as client:
+        x = toy_input(2, 5)
+        np.testing.assert_allclose(client.run(x)["out"], toy_reference(x)["out"], atol=1e-5)
+        assert client.generation == 1 and client.endpoints_path == endpoints
+
+
+def test_ctrl_c_prints_the_report_of_what_arrived(tmp_path: Path) -> None:
+    dirs = build_slow_pipeline(tmp_path / "slow", matmuls=16)
+    with LocalPipeline(dirs, log_dir=tmp_path / "logs", log_level="debug") as pipe:
+        proc = subprocess.Popen([SUBMIT, *pipe.submit_args(), "--shape", "16", "-b", "1", "-n", "40",
+                                 "--window", "2", "--warmup", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        try:
+            assert wait_for(lambda: pipe.log_text(1).count("passed on ") + pipe.log_text(1).count("sent ") >= 3,
+                            timeout_s=120)
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 130, err
+    assert "interrupted:" in out and "of 40 requests done" in out and "throughput" in out
+    assert "Traceback" not in err
 
 
 def test_images_folder_is_preprocessed_like_timm(tmp_path: Path) -> None:
@@ -112,3 +173,30 @@ def test_images_folder_is_preprocessed_like_timm(tmp_path: Path) -> None:
     assert out.shape == (3, 3, 32, 32)
     want = (np.array(colors, np.float32) / 255 - 0.5) / 0.5
     np.testing.assert_allclose(out.mean(axis=(2, 3)), want, atol=1e-5)
+
+
+def test_client_follows_a_newer_generation_of_its_endpoints_file(toy_bundles: list[Path], tmp_path: Path) -> None:
+    """The whole deployment is replaced (a re-plan after a lost device would do this): the client
+    notices its entry is gone, re-reads its endpoints file, finds a newer generation, reconnects and
+    sends what was outstanding again. Every result arrives once, correct."""
+    path = tmp_path / "endpoints.json"
+    old = LocalPipeline(toy_bundles, max_batch=8, log_dir=tmp_path / "old", heartbeat_s=0.2).start()
+    try:
+        old.write_endpoints(path)
+        with LocalPipeline(toy_bundles, max_batch=8, log_dir=tmp_path / "new", heartbeat_s=0.2,
+                           extra_client_keys=[old.client_keypair.public_text]) as new, \
+                Client.from_endpoints(path, old.client_keypair, heartbeat_s=0.2) as client:
+            inputs = [toy_input(2, 60 + i) for i in range(12)]
+            seqs = [client.submit(x) for x in inputs[:3]]
+            client.result(seqs[0])
+            for agent in old.agents:  # the old deployment disappears, with requests in flight
+                old.kill(agent.index)
+            endpoints = new.endpoints()
+            save_endpoints(path, dataclasses.replace(endpoints, deployment=old.deployment, generation=2))
+            seqs += [client.submit(x) for x in inputs[3:]]
+            outputs = [client.result(s).outputs for s in seqs[1:]]
+            assert client.generation == 2 and client.entry == new.entry
+    finally:
+        old.stop()
+    for x, out in zip(inputs[1:], outputs, strict=True):
+        np.testing.assert_allclose(out["out"], toy_reference(x)["out"], atol=1e-5)

@@ -64,7 +64,7 @@ def test_four_agents_match_the_whole_model_with_padded_masks(bert, bert_pipeline
 
 
 def _submit(pipe: LocalPipeline, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([SUBMIT, pipe.entry, pipe.exit, *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([SUBMIT, *pipe.submit_args(), *args], capture_output=True, text=True, timeout=120)
 
 
 def test_submit_random_sends_ids_within_the_vocabulary(bert, bert_pipeline: LocalPipeline) -> None:

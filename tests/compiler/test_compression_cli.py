@@ -18,8 +18,6 @@ from edgepipe.planner import problem as planner_problem
 
 TINY = "vit_tiny_patch16_224"
 CLI = [sys.executable, "-m", "edgepipe.compiler.cli"]
-PLANNER_V2 = hasattr(planner_problem, "parse_error_budget")
-needs_planner_v2 = pytest.mark.skipif(not PLANNER_V2, reason="needs the planner with error budgets (branch planner)")
 # Four equal boards on 5 Mbps links, each too small for the whole fp32 model (100 MiB runtime + 22 MB of
 # weights), so the planner must pipeline (not replicate the whole model) and hops carry activations.
 SLOW_CLUSTER = "[cluster]\nname = \"slow\"\n\n[[type]]\nname = \"board\"\ngflops = 5.0\n" + "".join(
@@ -85,7 +83,6 @@ def test_a_users_checkpoint_and_calibration_file(tmp_path: Path, vit_tiny_build)
     assert accuracy["int8_stages"] == [0, 1] and accuracy["measured"]["max_abs_diff"] > 0
 
 
-@needs_planner_v2
 def test_a_hand_made_pipeline_over_budget_is_refused(tmp_path: Path, vit_tiny_build) -> None:
     proc = run_cli(TINY, "-o", str(tmp_path), "--stages", "3", "--int8-weights", "all", "--hop-codecs", "int8",
                    "--max-error", "max_abs=1e-9", "--calibration-samples", "2", check=False)
@@ -95,7 +92,6 @@ def test_a_hand_made_pipeline_over_budget_is_refused(tmp_path: Path, vit_tiny_bu
     assert summary["accuracy"]["within_budget"] is False
 
 
-@needs_planner_v2
 def test_the_planner_compresses_slow_hops_within_the_budget(tmp_path: Path, vit_tiny_build) -> None:
     """Four equal devices on 5 Mbps links: the planner sends compressed activations where the budget
     allows, the compile measures the built pipeline and reports measured vs predicted error."""
@@ -125,7 +121,6 @@ def test_the_planner_compresses_slow_hops_within_the_budget(tmp_path: Path, vit_
     assert again["measured"]["max_abs_diff"] == pytest.approx(accuracy["measured"]["max_abs_diff"], rel=0.5)
 
 
-@needs_planner_v2
 def test_a_plan_whose_prediction_was_too_optimistic_is_replanned(tmp_path: Path, vit_tiny_build) -> None:
     """Measurements that understate int8 hops 1000-fold make the planner pick them; the deployed
     pipeline measures over budget, so the compile re-plans within a tighter budget and ends within it."""

@@ -18,7 +18,7 @@ from profiling_testlib import TINY, cli, workstation, write_cluster
 
 def run_and_trace(stages: list[Path], plan: Path, trace: Path) -> None:
     with LocalPipeline(stages, log_dir=trace.parent / "logs") as pipe:
-        result = cli("edgepipe-submit", pipe.entry, pipe.exit, "--bundle", str(stages[0]), "-b", "2", "-n", "8",
+        result = cli("edgepipe-submit", *pipe.submit_args(), "--bundle", str(stages[0]), "-b", "2", "-n", "8",
                      "--report", str(plan), "--trace", str(trace), "--json")
     assert result.returncode == 0, result.stderr
 

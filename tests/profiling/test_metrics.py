@@ -84,9 +84,8 @@ def test_exporter_serves_a_live_stage(served) -> None:
 
 def test_exporter_counts_requests_of_a_live_stage(served) -> None:
     pipe, control, url, root = served
-    if "stage" not in request_status(control, auth=INSECURE):  # a serving stage's --control is plaintext
-        pytest.skip("the serving agent's status has no `stage` counters yet (data-plane branch not merged)")
-    result = cli("edgepipe-submit", pipe.entry, pipe.exit, "--bundle", str(root / "b" / "stage-0"), "-b", "2",
+    assert "stage" in request_status(control, auth=INSECURE), "the serving agent's status must carry `stage` counters"
+    result = cli("edgepipe-submit", *pipe.submit_args(), "--bundle", str(root / "b" / "stage-0"), "-b", "2",
                  "-n", "5", "--warmup", "0", "--json")
     assert result.returncode == 0, result.stderr
     text = scrape(url)

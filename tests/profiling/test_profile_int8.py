@@ -11,7 +11,6 @@ import pytest
 from edgepipe.agent.formats.bundle import load_bundle
 from edgepipe.agent.formats.profiles import load_profile, load_profile_bundle
 from edgepipe.compiler.quantize import int8_speed
-from edgepipe.planner import problem as planner_problem
 from profiling_testlib import TINY, cli
 
 
@@ -55,7 +54,6 @@ def test_device_profile_carries_int8_times(int8_bundle_dir: Path, tmp_path: Path
     assert json.loads(out.read_text())["int8_seconds"].keys() == {"1"}
 
 
-@pytest.mark.skipif(not hasattr(planner_problem, "Int8Speed"), reason="needs the planner with int8 stages")
 def test_planner_int8_speed_is_the_median_of_the_devices(int8_bundle_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "d0.json"
     cli("edgepipe-agent", "profile", str(int8_bundle_dir), "--device", "d0", "--microbatch", "1",

@@ -20,7 +20,7 @@ def pipeline(planned: Path):
 
 
 def submit(pipe: LocalPipeline, plan: Path, *args: str):
-    return cli("edgepipe-submit", pipe.entry, pipe.exit, "--bundle", str(Path(pipe.bundle_dirs[0])),
+    return cli("edgepipe-submit", *pipe.submit_args(), "--bundle", str(Path(pipe.bundle_dirs[0])),
                "--report", str(plan), *args)
 
 

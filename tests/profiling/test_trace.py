@@ -44,7 +44,7 @@ def four_stages(vit_tiny_build, tmp_path_factory: pytest.TempPathFactory) -> lis
 def traced(four_stages: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("trace") / "run.json"
     with LocalPipeline(four_stages, log_dir=path.parent / "logs") as pipe:
-        result = cli("edgepipe-submit", pipe.entry, pipe.exit, "--bundle", str(four_stages[0]), "-b", "2",
+        result = cli("edgepipe-submit", *pipe.submit_args(), "--bundle", str(four_stages[0]), "-b", "2",
                      "-n", str(COUNT), "--trace", str(path), "--json")
     assert result.returncode == 0, result.stderr
     return path

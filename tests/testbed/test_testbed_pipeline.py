@@ -15,6 +15,7 @@ import onnxruntime as ort
 import pytest
 from edgepipe.agent.client import Client
 from edgepipe.agent.formats.bundle import read_manifest
+from edgepipe.agent.local import PipelineKeys
 from testbed_helpers import cluster_toml, leftovers, needs_host, testbed
 
 pytestmark = [pytest.mark.root, needs_host]
@@ -42,11 +43,13 @@ def test_vit_tiny_pipeline_across_three_emulated_devices(vit_tiny_build, tmp_pat
     cluster = tmp_path / "pipeline.toml"
     cluster.write_text(cluster_toml("pytest-pipeline", [
         {"name": n, "cpu": 0.5, "memory": MEMORY, "bandwidth": "100 Mbps"} for n in names]))
+    keys = PipelineKeys.make(tmp_path / "keys", len(bundles))
     with testbed.Testbed(cluster, name=f"pytest-pipe-{uuid.uuid4().hex[:8]}") as bed:
         agents = []
         for i, (name, bundle) in enumerate(zip(names, bundles, strict=True)):
             argv = [AGENT, "serve", str(bundle), "--listen", bed.endpoint(name, DATA_PORT),
-                    "--ready-file", str(tmp_path / f"ready-{i}.json"), "--log-level", "warning"]
+                    "--ready-file", str(tmp_path / f"ready-{i}.json"), "--log-level", "warning",
+                    *keys.serve_args(i)]
             if i + 1 < len(names):
                 argv += ["--next", bed.endpoint(names[i + 1], DATA_PORT)]
             else:
@@ -61,7 +64,7 @@ def test_vit_tiny_pipeline_across_three_emulated_devices(vit_tiny_build, tmp_pat
         batch = np.random.default_rng(0).standard_normal((2, 3, 224, 224)).astype(np.float32)
         (want,) = whole.run(None, {whole.get_inputs()[0].name: batch})
         entry, exit_ = bed.endpoint(names[0], DATA_PORT), bed.endpoint(names[-1], RESULTS_PORT)
-        with Client(entry, exit_, timeout_s=60.0) as client:
+        with Client(entry, exit_, timeout_s=60.0, **keys.client_kwargs()) as client:
             (got,) = client.run({first.name: batch}).values()
         assert float(np.abs(got - want).max()) <= TOLERANCE
 
