@@ -523,7 +523,8 @@ class DeviceDaemon:
         for inst in target.instances:
             wiring = by_id[inst.ref.id]
             before = old_launches.get(inst.ref.id)
-            if before is not None and self._launch(inst, replace(wiring, generation=before.generation)) == before:
+            if before is not None and \
+                    self._launch(inst, replace(wiring, generation=before.generation), deployment) == before:
                 wiring = replace(wiring, generation=before.generation)
             wired.append(replace(inst, wiring=wiring))
         started = replace(target, instances=tuple(wired))
@@ -549,15 +550,16 @@ class DeviceDaemon:
                 "launches": {i: launch.fingerprint for i, launch in launches.items()}}
 
     def _launches(self, gen: Generation) -> dict[str, StageLaunch]:
-        return {inst.ref.id: self._launch(inst, inst.wiring) for inst in gen.instances}
+        return {inst.ref.id: self._launch(inst, inst.wiring, gen.deployment) for inst in gen.instances}
 
-    def _launch(self, inst: Instance, w: StageWiring | None) -> StageLaunch:
+    def _launch(self, inst: Instance, w: StageWiring | None, deployment: str) -> StageLaunch:
         assert w is not None
         return StageLaunch(
             id=inst.ref.id, bundle_dir=Path(inst.bundle_dir), manifest=inst.ref.manifest, generation=w.generation,
-            ports=inst.ports, bind_host=self.config.data_bind, next=w.next, next_keys=w.next_keys,
-            next_weights=w.next_weights, upstream_keys=w.upstream_keys, client_keys=w.client_keys,
-            key_file=self.config.key_file, threads=w.threads, max_batch=w.max_batch, codec=w.codec, cpus=w.cpus,
+            ports=inst.ports, bind_host=self.config.data_bind, device=self.config.device,
+            deployment=deployment, next=w.next, next_keys=w.next_keys, next_weights=w.next_weights,
+            upstream_keys=w.upstream_keys, client_keys=w.client_keys, key_file=self.config.key_file,
+            threads=w.threads, max_batch=w.max_batch, codec=w.codec, cpus=w.cpus,
             log_level=self.config.stage_log_level, drain_timeout_s=self.config.drain_timeout_s)
 
     def _cmd_stop(self, header: dict[str, Any], raw: list[bytes]) -> dict[str, Any]:

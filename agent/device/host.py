@@ -52,9 +52,8 @@ DEFAULT_HANG_S = 10.0
 DEFAULT_DRAIN_S = 10.0
 LOG_ROTATE_BYTES = 8 * 2**20
 THROUGHPUT_KEYS = ("requests_out", "computed", "sent")  # the first counter found is "requests done"
-# Whether stage_command gives the stages CurveZMQ data sockets. Today's serve binds plaintext data
-# sockets, so a deployment's data plane is insecure whatever the control channel is.
-SECURE_DATA_PLANE = False
+# Whether stage_command gives the stages CurveZMQ data sockets (it does, unless the daemon is insecure).
+SECURE_DATA_PLANE = True
 
 
 class LaunchError(ValueError):
@@ -72,12 +71,14 @@ class StageLaunch:
     generation: int
     ports: Ports
     bind_host: str  # "*" or an address of this device
-    next: tuple[str, ...] = ()
-    next_keys: tuple[str, ...] = ()
-    next_weights: tuple[float, ...] = ()
-    upstream_keys: tuple[str, ...] = ()
-    client_keys: tuple[str, ...] = ()
-    key_file: Path | None = None  # the device's secret key, for a secure data plane
+    device: str = ""  # this device's name (the stage's heartbeats, logs and status)
+    deployment: str = ""
+    next: tuple[str, ...] = ()  # downstream data endpoints; several are replicas
+    next_keys: tuple[str, ...] = ()  # their public keys, in the same order
+    next_weights: tuple[float, ...] = ()  # their shares of the work (the plan's replica weights)
+    upstream_keys: tuple[str, ...] = ()  # who may send data in: the previous stage(s), or the clients
+    client_keys: tuple[str, ...] = ()  # last stage: who may read results
+    key_file: Path | None = None  # the device's secret key; None: the daemon runs --insecure, so do the stages
     threads: int = 1
     max_batch: int = 256
     codec: str | None = None
@@ -107,18 +108,42 @@ def stage_command(launch: StageLaunch, ready_file: Path, parent_pid: int,
                   python: str = sys.executable) -> list[str]:
     """The ``edgepipe-agent serve`` command line for ``launch``: the only place it is built.
 
-    Today's ``serve`` takes one ``--next`` and binds plaintext data sockets; the key fields are
-    carried so that a ``serve`` with CurveZMQ data sockets needs only this function to change."""
-    if len(launch.next) > 1:
-        raise LaunchError(f"{launch.id}: {len(launch.next)} downstream replicas, but this serve takes one --next")
+    Secure unless the daemon itself runs insecure: the stage uses the device's key, accepts data
+    only from its upstream's key(s) (the clients' at stage 0), sends only to the next stage's
+    key(s), and the last stage gives results only to the clients' keys."""
+    if launch.next_keys and len(launch.next_keys) != len(launch.next):
+        raise LaunchError(f"{launch.id}: {len(launch.next)} downstream endpoints but {len(launch.next_keys)} keys")
+    if launch.key_file is not None and launch.next and len(launch.next_keys) != len(launch.next):
+        raise LaunchError(f"{launch.id}: a secure stage needs the public key of every downstream endpoint")
+    if launch.next_weights and len(launch.next_weights) != len(launch.next):
+        raise LaunchError(f"{launch.id}: {len(launch.next)} downstream endpoints but {len(launch.next_weights)} weights")
     cmd = [python, "-m", "edgepipe.agent.cli", "serve", str(launch.bundle_dir), "--listen", launch.listen,
            "--control", launch.control, "--ready-file", str(ready_file), "--threads", str(launch.threads),
            "--max-batch", str(launch.max_batch), "--log-level", launch.log_level,
-           "--drain-timeout-s", f"{launch.drain_timeout_s:g}", "--parent-pid", str(parent_pid)]
-    if launch.next:
-        cmd += ["--next", launch.next[0]]
+           "--drain-timeout-s", f"{launch.drain_timeout_s:g}", "--parent-pid", str(parent_pid),
+           "--generation", str(launch.generation)]
+    if launch.device:
+        cmd += ["--device", launch.device]
+    if launch.deployment:
+        cmd += ["--deployment", launch.deployment]
+    if launch.key_file is None:
+        cmd += ["--insecure"]
+    else:
+        cmd += ["--key", str(launch.key_file)]
+        for key in launch.upstream_keys:
+            cmd += ["--allow", key]
+        for key in launch.client_keys:
+            cmd += ["--allow-client", key]
+    for i, endpoint in enumerate(launch.next):
+        cmd += ["--next", endpoint]
+        if launch.key_file is not None:
+            cmd += ["--next-key", launch.next_keys[i]]
+        if launch.next_weights:
+            cmd += ["--next-weight", f"{launch.next_weights[i]:g}"]
     if launch.results is not None:
         cmd += ["--results", launch.results]
+    if launch.codec:
+        cmd += ["--codec", launch.codec]
     if launch.cpus:
         cmd += ["--cpus", launch.cpus]
     return cmd

@@ -25,7 +25,7 @@ from edgepipe.agent.control_client import ControlConnection, FileToSend, auth_fo
 from edgepipe.agent.formats.control import ControlError, Ports, StageStatus, StageWiring
 from edgepipe.agent.formats.endpoints import FILE_NAME, DaemonRef, Endpoints, Peer, save_endpoints
 from edgepipe.agent.formats.keys import KeyPair
-from edgepipe.compiler.fleet.build import Build, DeviceTarget, instance_id
+from edgepipe.compiler.fleet.build import Build, BuildError, DeviceTarget, instance_id
 from edgepipe.compiler.fleet.state import DeploymentState, Placement, load_state, new_deployment_id, save_state
 
 CONTACT_TIMEOUT_S = 5.0
@@ -171,6 +171,9 @@ def deploy(build: Build, fleet: Fleet, options: DeployOptions = DeployOptions(),
                               f"(generation {other.get('generation')}); stop that deployment "
                               "(edgepipe-fleet stop ITS_BUILD) or deploy with --replace; nothing was changed")
     secure_data = all(s.get("secure_data") for s in statuses.values())
+    if secure_data and not build.client_keys:
+        raise BuildError(f"{build.cluster.source}: [cluster].clients lists no client key, so no client could submit "
+                         "requests or read results; add their public keys (edgepipe-agent keygen --name client)")
     timings["contact_s"] = time.perf_counter() - t0
 
     # 2. send what each device lacks

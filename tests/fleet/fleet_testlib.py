@@ -79,15 +79,16 @@ def whole_model(model_path: Path, x: np.ndarray) -> np.ndarray:
     return session.run(None, {session.get_inputs()[0].name: x})[0]
 
 
-def run_requests(endpoints_path: Path, batches: Sequence[np.ndarray], timeout_s: float = 60.0) -> list[np.ndarray]:
-    """Every batch through the deployment named by an endpoints file; outputs in order."""
+def run_requests(endpoints_path: Path, batches: Sequence[np.ndarray], keypair) -> list[np.ndarray]:
+    """Every batch through the deployment named by an endpoints file (as a client with ``keypair``);
+    outputs in order."""
     from edgepipe.agent.client import Client
     from edgepipe.agent.formats.endpoints import load_endpoints
 
     ep = load_endpoints(endpoints_path)
     name = ep.inputs[0].name
-    with Client(ep.entry[0].endpoint, ep.exit[0].endpoint, timeout_s=timeout_s) as client:
-        return [out[ep.outputs[0].name] for out in client.map({name: b} for b in batches)]
+    with Client.from_endpoints(endpoints_path, keypair) as client:
+        return [out[ep.outputs[0].name].copy() for out in client.map({name: b} for b in batches)]
 
 
 def wait_until(predicate, timeout_s: float = 60.0, interval_s: float = 0.1) -> bool:
@@ -124,6 +125,7 @@ def failover_and_take_back(build: Path, keys: Keys, model_path: Path, victim: st
                 kill()
 
         run = follow(build / "endpoints.json", inputs, keys.client, window=2, pace_s=0.05, on_result=on_result)
+        assert not run.errors, run.errors
         assert sorted(run.outputs) == list(range(batches))  # every request answered, once
         for i, x in enumerate(inputs):
             np.testing.assert_allclose(run.outputs[i], whole_model(model_path, x), atol=tolerance)

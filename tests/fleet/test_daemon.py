@@ -208,8 +208,8 @@ def test_a_crashed_stage_is_restarted_on_the_same_ports(daemons, keys, build_a, 
     after = d[1].stages(keys)["stage-1"]
     assert after["restarts"] == 1 and after["ports"] == before["ports"] and after["last_exit"] == "killed by SIGKILL"
     x = np.random.default_rng(4).standard_normal((1, 3, 224, 224), dtype=np.float32)
-    np.testing.assert_allclose(run_requests(build / "endpoints.json", [x])[0], whole_model(vit_tiny_model, x),
-                               atol=1e-4)
+    np.testing.assert_allclose(run_requests(build / "endpoints.json", [x], keys.client)[0],
+                               whole_model(vit_tiny_model, x), atol=1e-4)
     status = fleet_json("status", str(build), keys=keys)
     assert status["devices"][1]["stages"][0]["restarts"] == 1
 
@@ -241,8 +241,8 @@ def test_a_restarted_daemon_starts_its_stages_again(daemons, keys, build_a, vit_
         assert wait_until(lambda: again.stages(keys).get("stage-1", {}).get("state") == "ready", 60)
         assert again.stages(keys)["stage-1"]["ports"] == old["ports"]
         x = np.random.default_rng(5).standard_normal((1, 3, 224, 224), dtype=np.float32)
-        np.testing.assert_allclose(run_requests(build / "endpoints.json", [x])[0], whole_model(vit_tiny_model, x),
-                                   atol=1e-4)
+        np.testing.assert_allclose(run_requests(build / "endpoints.json", [x], keys.client)[0],
+                                   whole_model(vit_tiny_model, x), atol=1e-4)
     finally:
         stop_daemon(again)
 

@@ -28,11 +28,12 @@ def test_deploy_run_redeploy_changed_plan_and_stop(daemons, keys, build_a, build
         assert by_device[f"d{i}"]["actions"] == {f"stage-{i}": "started"}
     ep = load_endpoints(build / "endpoints.json")
     assert ep.generation == 1 and ep.deployment == first["deployment"] and len(ep.daemons) == 3
+    assert not ep.insecure  # CurveZMQ data sockets, the device keys as the stages' keys
     assert [p.public_key for p in ep.entry] == [d[0].public_key]
 
     rng = np.random.default_rng(0)
     batches = [rng.standard_normal((2, 3, 224, 224), dtype=np.float32) for _ in range(3)]
-    for out, x in zip(run_requests(build / "endpoints.json", batches), batches):
+    for out, x in zip(run_requests(build / "endpoints.json", batches, keys.client), batches):
         np.testing.assert_allclose(out, whole_model(vit_tiny_model, x), atol=1e-4)
 
     status = fleet_json("status", str(build), keys=keys)
@@ -53,7 +54,7 @@ def test_deploy_run_redeploy_changed_plan_and_stop(daemons, keys, build_a, build
     status = fleet_json("status", str(build), keys=keys)
     assert status["devices"][0]["stages"][0]["pid"] == pid0  # stage 0 kept running
     assert load_endpoints(build / "endpoints.json").generation == 2
-    for out, x in zip(run_requests(build / "endpoints.json", batches), batches):
+    for out, x in zip(run_requests(build / "endpoints.json", batches, keys.client), batches):
         np.testing.assert_allclose(out, whole_model(vit_tiny_model, x), atol=1e-4)
 
     # the same build again: nothing sent, nothing restarted
@@ -82,8 +83,8 @@ def test_redeploy_onto_other_devices_moves_stages_and_releases_the_dropped_one(d
     assert by_device["d3"]["actions"] == {"stage-2": "started"}
     assert wait_until(lambda: d[0].status(keys)["deployment"] is None and not d[0].status(keys)["stages"])
     x = np.random.default_rng(1).standard_normal((1, 3, 224, 224), dtype=np.float32)
-    np.testing.assert_allclose(run_requests(build / "endpoints.json", [x])[0], whole_model(vit_tiny_model, x),
-                               atol=1e-4)
+    np.testing.assert_allclose(run_requests(build / "endpoints.json", [x], keys.client)[0],
+                               whole_model(vit_tiny_model, x), atol=1e-4)
     assert fleet("stop", str(build), keys=keys).returncode == 0
 
 

@@ -97,8 +97,8 @@ def test_device_serving_another_deployment_is_refused_unless_replaced(daemons, k
     taken = fleet_json("deploy", str(other), "--devices", "d3,d2,d1", "--replace", keys=keys)
     assert taken["deployment"] != owner
     x = np.random.default_rng(2).standard_normal((1, 3, 224, 224), dtype=np.float32)
-    np.testing.assert_allclose(run_requests(other / "endpoints.json", [x])[0], whole_model(vit_tiny_model, x),
-                               atol=1e-4)
+    np.testing.assert_allclose(run_requests(other / "endpoints.json", [x], keys.client)[0],
+                               whole_model(vit_tiny_model, x), atol=1e-4)
     result = fleet("status", str(first), "--json", keys=keys)
     assert result.returncode == 1  # the first deployment lost two of its devices
     status = json.loads(result.stdout)
@@ -141,8 +141,8 @@ def test_a_failed_redeploy_goes_back_to_the_running_generation(daemons, keys, bu
     assert wait_until(lambda: all(s["state"] == "ready" and s["generation"] == 1
                                   for s in d[1].stages(keys).values()), 30)
     x = np.random.default_rng(3).standard_normal((1, 3, 224, 224), dtype=np.float32)
-    np.testing.assert_allclose(run_requests(build / "endpoints.json", [x])[0], whole_model(vit_tiny_model, x),
-                               atol=1e-4)
+    np.testing.assert_allclose(run_requests(build / "endpoints.json", [x], keys.client)[0],
+                               whole_model(vit_tiny_model, x), atol=1e-4)
 
 
 def swap_in_store(state_dir: Path, bundle: Path) -> None:
