@@ -116,7 +116,8 @@ def stage_command(launch: StageLaunch, ready_file: Path, parent_pid: int,
     if launch.key_file is not None and launch.next and len(launch.next_keys) != len(launch.next):
         raise LaunchError(f"{launch.id}: a secure stage needs the public key of every downstream endpoint")
     if launch.next_weights and len(launch.next_weights) != len(launch.next):
-        raise LaunchError(f"{launch.id}: {len(launch.next)} downstream endpoints but {len(launch.next_weights)} weights")
+        raise LaunchError(f"{launch.id}: {len(launch.next)} downstream endpoints "
+                          f"but {len(launch.next_weights)} weights")
     cmd = [python, "-m", "edgepipe.agent.cli", "serve", str(launch.bundle_dir), "--listen", launch.listen,
            "--control", launch.control, "--ready-file", str(ready_file), "--threads", str(launch.threads),
            "--max-batch", str(launch.max_batch), "--log-level", launch.log_level,
