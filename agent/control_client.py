@@ -147,16 +147,28 @@ def bundle_files(root: Path) -> tuple[list[dict[str, str]], list[bytes]]:
 
 def request_profile(endpoint: str, bundle_dir: Path, device: str, microbatches: Sequence[int] = (1, 8),
                     threads: int = 1, repeats: int = 10, warmup: int = 2, *, auth: ConnectAuth,
-                    timeout_s: float = 600.0) -> DeviceProfile:
-    """Have the device at ``endpoint`` profile the bundle at ``bundle_dir``; its DeviceProfile."""
-    entries, frames = bundle_files(bundle_dir)
-    header = {"cmd": "profile", "files": entries, "microbatches": sorted(set(microbatches)),
+                    timeout_s: float = 600.0, on_bytes: Callable[[int], None] | None = None) -> DeviceProfile:
+    """Have the device at ``endpoint`` profile the bundle at ``bundle_dir``; its DeviceProfile.
+
+    The files go to the device's store first, in chunks (what it already has is not sent again),
+    so a large bundle over a slow link never becomes one frame that outlives the connection."""
+    files = [FileToSend(_file_sha256(p), p, p.stat().st_size)
+             for p in sorted(q for q in Path(bundle_dir).rglob("*") if q.is_file())]
+    entries = [{"path": f.path.relative_to(bundle_dir).as_posix(), "sha256": f.sha256} for f in files]
+    header = {"cmd": "profile", "files": entries, "stored": True, "microbatches": sorted(set(microbatches)),
               "threads": threads, "repeats": repeats, "warmup": warmup, "device": device}
-    reply = control_request(endpoint, header, frames, auth=auth, timeout_s=timeout_s)
+    with ControlConnection(endpoint, auth) as conn:
+        upload(conn, files, on_bytes=on_bytes)
+        reply = conn.request(header, timeout_s=timeout_s)
     try:
         return profile_from_dict(reply.get("profile"), f"{endpoint} profile reply")
     except ProfileError as exc:
         raise ControlError(str(exc)) from None
+
+
+def _file_sha256(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def request_probe(endpoint: str, peer: str, tensor_bytes: int, count: int = 5, seconds: float = 5.0, *,

@@ -35,6 +35,7 @@ import logging
 import os
 import platform
 import queue
+import shutil
 import socket
 import statistics
 import tempfile
@@ -403,7 +404,8 @@ class DeviceDaemon:
         return {"bytes": sum(len(f) for f in raw)}
 
     def _cmd_profile(self, header: dict[str, Any], raw: list[bytes], ctx: zmq.Context) -> dict[str, Any]:
-        return _profile(self.config.device, self.config.threads, self.config.max_request_bytes, header, raw)
+        return _profile(self.config.device, self.config.threads, self.config.max_request_bytes, header, raw,
+                        self.store.objects)
 
     def _cmd_probe(self, header: dict[str, Any], raw: list[bytes], ctx: zmq.Context) -> dict[str, Any]:
         return _probe(ctx, header, self.config.keypair)
@@ -840,14 +842,21 @@ def status_facts(device: str, threads: int, max_request_bytes: int, commands: Se
 
 
 def _profile(device_name: str, default_threads: int, max_request_bytes: int, header: dict[str, Any],
-             raw: list[bytes]) -> dict[str, Any]:
+             raw: list[bytes], objects: Path | None = None) -> dict[str, Any]:
+    """Profile a bundle sent in the request's frames or, with ``stored: true``, one whose files were
+    uploaded to the store first (``have``/``put`` in chunks): a bundle of hundreds of MiB over a slow
+    link would otherwise be one frame outliving the connection's heartbeat timeout."""
     total = sum(len(f) for f in raw)
     if total > max_request_bytes:
         raise BadRequest(f"request of {total} bytes is over this device's limit of "
                          f"{max_request_bytes} bytes (edgepipe-agent daemon --max-request-mb)")
     files = header.get("files")
-    if not isinstance(files, list) or len(files) != len(raw):
-        raise BadRequest(f"'files' must list one {{path, sha256}} per raw frame ({len(raw)} frames)")
+    stored = header.get("stored", False) is True
+    if stored and (raw or objects is None):
+        raise BadRequest("'stored': true takes no raw frames, and needs a daemon with a store")
+    if not isinstance(files, list) or len(files) > MAX_FILES or (not stored and len(files) != len(raw)):
+        raise BadRequest(f"'files' must list one {{path, sha256}} per raw frame ({len(raw)} frames), "
+                         "or, with 'stored': true, the stored files by sha256")
     microbatches = _int_list(header.get("microbatches", [1, 8]), "microbatches", MAX_MICROBATCH)
     repeats = int_in(header.get("repeats", 10), "repeats", 1, MAX_REPEATS)
     warmup = int_in(header.get("warmup", 2), "warmup", 0, MAX_REPEATS)
@@ -857,12 +866,22 @@ def _profile(device_name: str, default_threads: int, max_request_bytes: int, hea
         raise BadRequest("'device' must be a non-empty name")
     with tempfile.TemporaryDirectory(prefix="edgepipe-profile-") as tmp:
         root = Path(tmp)
-        for entry, data in zip(files, raw, strict=True):
-            path = _safe_path(root, entry)
-            if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
-                raise BadRequest(f"{entry.get('path')}: sha256 does not match its content")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
+        if stored:
+            assert objects is not None
+            for entry in files:
+                path = _safe_path(root, entry)
+                obj = objects / sha256_hex(entry.get("sha256"), "sha256")
+                if not obj.is_file():  # objects are checked on arrival, so present means intact
+                    raise BadRequest(f"{entry['path']}: not in this device's store; upload it first (have/put)")
+                path.parent.mkdir(parents=True, exist_ok=True)
+                _link(obj, path)
+        else:
+            for entry, data in zip(files, raw, strict=True):
+                path = _safe_path(root, entry)
+                if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+                    raise BadRequest(f"{entry.get('path')}: sha256 does not match its content")
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(data)
         try:
             bundle = load_profile_bundle(root)
             for piece in range(bundle.piece_count):
@@ -930,6 +949,13 @@ def _echo_times(sock: zmq.Socket, size: int, count: int, deadline: float, peer: 
         if i or count == 1:  # the first round trip also sets up the connection
             times.append(time.perf_counter() - start)
     return times or [time.perf_counter() - start]
+
+
+def _link(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or links not allowed
+        shutil.copyfile(src, dst)
 
 
 def _safe_path(root: Path, entry: Any) -> Path:
