@@ -261,7 +261,9 @@ def submit(
                                      help="Microbatch size (samples per request) [8, or a fixed-batch model's own]."),
     count: int | None = typer.Option(None, "--count", "-n", min=1,
                                      help="Number of microbatches [8 for --random; all data otherwise]."),
-    window: int = typer.Option(8, "--window", min=1, help="Requests in flight."),
+    window: int = typer.Option(8, "--window", min=1, help="Requests in flight. One more than the number of "
+                               "stages keeps every stage busy; each beyond that adds about one step of the slowest "
+                               "stage to every request's latency."),
     timeout_s: float | None = typer.Option(None, "--timeout-s", help="Last resort: send a request again when "
                                            "its result has not come after this long [5x the slowest recent "
                                            "latency, at least 30 s; 120 s before the first result]. Faults are "
