@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from edgepipe.agent import clihelp
 from edgepipe.agent.device.session import SessionError, create_session
 from edgepipe.agent.device.stage import AgentConfig, check_config, serve
 from edgepipe.agent.formats.bundle import BundleError, load_bundle
 from edgepipe.agent.transport import TransportError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = clihelp.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run EdgePipe pipeline stages with ONNX Runtime and ZeroMQ (no PyTorch needed).")
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -44,7 +45,8 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
 
 @app.command("serve")
 def serve_cmd(
-    bundle_dir: Path = typer.Argument(..., help="Stage bundle directory (stage.json, stage.onnx, .data)."),
+    bundle_dir: Path = typer.Argument(..., metavar="BUNDLE_DIR",
+                                   help="Stage bundle directory (stage.json, stage.onnx, .data)."),
     listen: str = typer.Option(..., "--listen", metavar="ENDPOINT",
                                help="Bind address for incoming data, e.g. tcp://*:5550."),
     next_: list[str] | None = typer.Option(None, "--next", metavar="ENDPOINT",
@@ -78,7 +80,7 @@ def serve_cmd(
                                       "intervals is declared down."),
     hold_s: float = typer.Option(30.0, "--hold-s", help="Last stage: how long to hold a result for an absent client."),
     device: str | None = typer.Option(None, "--device", metavar="NAME",
-                                      help="This device's name in logs and status [host name]."),
+                                      help="This device's name in logs and status (default: the host name)."),
     deployment: str = typer.Option("", "--deployment", metavar="ID",
                                    help="Deployment id, shown in heartbeats and status."),
     generation: int = typer.Option(0, "--generation", min=0, help="Deployment generation, in heartbeats and status."),
@@ -174,7 +176,7 @@ def serve_cmd(
 
 @app.command("check")
 def check_cmd(
-    bundle_dir: Path = typer.Argument(..., help="Stage bundle directory to verify."),
+    bundle_dir: Path = typer.Argument(..., metavar="BUNDLE_DIR", help="Stage bundle directory to verify."),
     threads: int = typer.Option(1, "--threads", min=1, help="ONNX Runtime intra-op threads."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
@@ -221,7 +223,8 @@ def parse_sizes(text: str, option: str) -> tuple[int, ...]:
 
 @app.command("profile")
 def profile_cmd(
-    bundle_dir: Path = typer.Argument(..., help="Profiling bundle (edgepipe-compile MODEL --profile-bundle DIR)."),
+    bundle_dir: Path = typer.Argument(..., metavar="BUNDLE_DIR",
+                                   help="Profiling bundle (edgepipe-compile MODEL --profile-bundle DIR)."),
     device: str = typer.Option(..., "--device", help="This device's name in the cluster file."),
     microbatch: str = typer.Option("1,8", "--microbatch", help="Microbatch sizes to time, e.g. 1,8."),
     threads: int = typer.Option(1, "--threads", min=1, help="ONNX Runtime intra-op threads (as when serving)."),
@@ -340,8 +343,8 @@ def daemon_cmd(
                                   help="No CurveZMQ: anyone who can reach the port may deploy and run code here. "
                                   "Only on an isolated network, for testing."),
     threads: int = typer.Option(1, "--threads", min=1, help="Default ONNX Runtime threads for profiling."),
-    max_request_mb: float = typer.Option(512.0, "--max-request-mb", help="Largest request accepted (profiling "
-                                         "bundles travel in one request)."),
+    max_request_mb: float = typer.Option(512.0, "--max-request-mb", help="Largest single request accepted "
+                                         "(bundles travel in chunks of 4 MiB)."),
     data_bind: str = typer.Option("*", "--data-bind", help="Address the stages bind their data sockets to."),
     data_ports: str = typer.Option("5550-5599", "--data-ports", help="TCP ports the stages may bind "
                                    "(open them between devices), or auto for any free port."),
