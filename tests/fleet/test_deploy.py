@@ -41,6 +41,14 @@ def test_deploy_run_redeploy_changed_plan_and_stop(daemons, keys, build_a, build
         [("d0", ["ready"]), ("d1", ["ready"]), ("d2", ["ready"])]
     pid0 = status["devices"][0]["stages"][0]["pid"]
 
+    def stage_rows() -> list[dict]:  # the stages' own counters, as the daemons last read them
+        return [s for r in fleet_json("status", str(build), keys=keys)["devices"] for s in r["stages"]]
+
+    assert wait_until(lambda: [s["requests"] for s in stage_rows()] == [3, 3, 3], timeout_s=20)
+    for row in stage_rows():
+        assert row["queue"] == 0 and row["errors"] == 0
+        assert row["heartbeat_age_s"] is not None and row["heartbeat_age_s"] < 10
+
     # a new plan moves the second cut: stage 0 is unchanged, stages 1 and 2 are not
     copy_build(build_b, build)
     second = fleet_json("deploy", str(build), "--devices", "d0,d1,d2", keys=keys)
