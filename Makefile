@@ -17,7 +17,7 @@ venv: $(STAMP)
 # pip's and setuptools' chatter goes to a log, shown only if the install fails.
 $(STAMP):
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@echo "Installing EdgePipe into $(VENV) (first time about 3 minutes: PyTorch is large; log: $(VENV)/install.log)"
+	@echo "Installing EdgePipe into $(VENV) (first time about 3 minutes and 6 GB: PyTorch and its CUDA libraries; CPU-only: docs/install.md; log: $(VENV)/install.log)"
 	@$(PY) -m pip install --upgrade pip > $(VENV)/install.log 2>&1 \
 		&& $(PY) -m pip install -e '.[compile,dev]' >> $(VENV)/install.log 2>&1 \
 		|| { tail -n 40 $(VENV)/install.log; echo "install failed; full log: $(VENV)/install.log"; exit 1; }

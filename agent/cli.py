@@ -1,5 +1,6 @@
 """`edgepipe-agent`: serve a pipeline stage (`serve`), check a bundle (`check`), profile this device
-(`profile`) or answer the workstation's profiling requests (`control`)."""
+(`profile`), run the device daemon the workstation deploys to (`daemon`, alias `control`; its
+systemd unit: `unit`) and make keys (`keygen`)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from edgepipe.agent import clihelp
 from edgepipe.agent.device.session import SessionError, create_session
 from edgepipe.agent.device.stage import AgentConfig, check_config, serve
 from edgepipe.agent.formats.bundle import BundleError, load_bundle
 from edgepipe.agent.transport import TransportError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = clihelp.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run EdgePipe pipeline stages with ONNX Runtime and ZeroMQ (no PyTorch needed).")
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -43,7 +45,8 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
 
 @app.command("serve")
 def serve_cmd(
-    bundle_dir: Path = typer.Argument(..., help="Stage bundle directory (stage.json, stage.onnx, .data)."),
+    bundle_dir: Path = typer.Argument(..., metavar="BUNDLE_DIR",
+                                   help="Stage bundle directory (stage.json, stage.onnx, .data)."),
     listen: str = typer.Option(..., "--listen", metavar="ENDPOINT",
                                help="Bind address for incoming data, e.g. tcp://*:5550."),
     next_: list[str] | None = typer.Option(None, "--next", metavar="ENDPOINT",
@@ -77,7 +80,7 @@ def serve_cmd(
                                       "intervals is declared down."),
     hold_s: float = typer.Option(30.0, "--hold-s", help="Last stage: how long to hold a result for an absent client."),
     device: str | None = typer.Option(None, "--device", metavar="NAME",
-                                      help="This device's name in logs and status [host name]."),
+                                      help="This device's name in logs and status (default: the host name)."),
     deployment: str = typer.Option("", "--deployment", metavar="ID",
                                    help="Deployment id, shown in heartbeats and status."),
     generation: int = typer.Option(0, "--generation", min=0, help="Deployment generation, in heartbeats and status."),
@@ -173,7 +176,7 @@ def serve_cmd(
 
 @app.command("check")
 def check_cmd(
-    bundle_dir: Path = typer.Argument(..., help="Stage bundle directory to verify."),
+    bundle_dir: Path = typer.Argument(..., metavar="BUNDLE_DIR", help="Stage bundle directory to verify."),
     threads: int = typer.Option(1, "--threads", min=1, help="ONNX Runtime intra-op threads."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
@@ -220,7 +223,8 @@ def parse_sizes(text: str, option: str) -> tuple[int, ...]:
 
 @app.command("profile")
 def profile_cmd(
-    bundle_dir: Path = typer.Argument(..., help="Profiling bundle (edgepipe-compile MODEL --profile-bundle DIR)."),
+    bundle_dir: Path = typer.Argument(..., metavar="BUNDLE_DIR",
+                                   help="Profiling bundle (edgepipe-compile MODEL --profile-bundle DIR)."),
     device: str = typer.Option(..., "--device", help="This device's name in the cluster file."),
     microbatch: str = typer.Option("1,8", "--microbatch", help="Microbatch sizes to time, e.g. 1,8."),
     threads: int = typer.Option(1, "--threads", min=1, help="ONNX Runtime intra-op threads (as when serving)."),
@@ -303,41 +307,156 @@ def _print_profile(profile: Any, out: Path | None) -> None:
         console.print(f"profile written to {out}")
 
 
-@app.command("control")
-def control_cmd(
+def parse_port_range(text: str) -> tuple[int, int] | None:
+    """'5550-5599' -> (5550, 5599); 'auto' -> None (ports the OS picks)."""
+    if text == "auto":
+        return None
+    lo, _, hi = text.partition("-")
+    if not lo.isdigit() or not (hi or lo).isdigit() or not 1 <= int(lo) <= int(hi or lo) <= 65535:
+        raise ValueError(f"--data-ports {text!r}: expected a range like 5550-5599, or auto")
+    return int(lo), int(hi or lo)
+
+
+def default_state_dir() -> Path:
+    """$EDGEPIPE_STATE, else /var/lib/edgepipe for root (the systemd unit), else ~/.local/state/edgepipe."""
+    import os
+
+    explicit = os.environ.get("EDGEPIPE_STATE")
+    if explicit:
+        return Path(explicit).expanduser()
+    return Path("/var/lib/edgepipe") if os.geteuid() == 0 else Path("~/.local/state/edgepipe").expanduser()
+
+
+def daemon_cmd(
     listen: str = typer.Option("tcp://*:5560", "--listen", help="Bind address of the control endpoint."),
-    device: str | None = typer.Option(None, "--device", help="This device's name [host name]."),
+    device: str | None = typer.Option(None, "--device",
+                                      help="This device's name in the cluster file (default: the host name)."),
+    state_dir: Path | None = typer.Option(None, "--state-dir", help="Bundle store, stage logs and deployment "
+                                          "state [$EDGEPIPE_STATE, /var/lib/edgepipe as root, else "
+                                          "~/.local/state/edgepipe]."),
+    key: Path | None = typer.Option(None, "--key", help="This device's secret key [KEYS/device.key_secret, "
+                                    "KEYS = $EDGEPIPE_KEYS or ~/.config/edgepipe/keys]."),
+    authorized_keys: list[str] = typer.Option([], "--authorized-keys", help="Workstation keys allowed to operate "
+                                              "this device: a key list file, a .key file, a directory or a Z85 "
+                                              "key; repeatable [KEYS/authorized_keys]."),
+    insecure: bool = typer.Option(False, "--insecure", metavar="",
+                                  help="No CurveZMQ: anyone who can reach the port may deploy and run code here. "
+                                  "Only on an isolated network, for testing."),
     threads: int = typer.Option(1, "--threads", min=1, help="Default ONNX Runtime threads for profiling."),
-    max_request_mb: float = typer.Option(512.0, "--max-request-mb", help="Largest profile request accepted."),
-    ready_file: Path | None = typer.Option(None, "--ready-file", help="Write {pid, listen} JSON once listening."),
+    max_request_mb: float = typer.Option(512.0, "--max-request-mb", help="Largest single request accepted "
+                                         "(bundles travel in chunks of 4 MiB)."),
+    data_bind: str = typer.Option("*", "--data-bind", help="Address the stages bind their data sockets to."),
+    data_ports: str = typer.Option("5550-5599", "--data-ports", help="TCP ports the stages may bind "
+                                   "(open them between devices), or auto for any free port."),
+    hang_s: float = typer.Option(10.0, "--hang-s", help="Restart a stage whose control endpoint is silent "
+                                 "this long."),
+    drain_timeout_s: float = typer.Option(10.0, "--drain-timeout-s", help="How long a stopping stage may "
+                                          "take to send on its in-flight work."),
+    store_max_mb: float | None = typer.Option(None, "--store-max-mb", help="Limit the bundle store's size "
+                                              "(besides the disk's free space)."),
+    ready_file: Path | None = typer.Option(None, "--ready-file", help="Write {pid, listen, public_key} JSON "
+                                           "once listening."),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
+    stage_log_level: str = typer.Option("info", "--stage-log-level", help="--log-level of the hosted stages."),
 ) -> None:
-    """Run the idle device daemon the workstation talks to: status, profile and link probes.
+    """Run the device daemon that edgepipe-fleet deploys to: bundle store, stages, status, profiling.
 
-    No bundle is needed; `edgepipe-compile MODEL --cluster cluster.toml --profile` sends the
-    profiling bundle over the wire and gets the device's profile back.
+    Secure by default: a CurveZMQ server with this device's key that answers only the workstation
+    keys in authorized_keys (create the device key with `edgepipe-agent keygen`, copy the
+    workstation's public key into KEYS/authorized_keys). Runs under systemd: see `edgepipe-agent unit`.
 
-    Example: edgepipe-agent control --listen tcp://*:5560 --device pi-a --threads 4
+    Examples:
+
+      edgepipe-agent daemon --device pi-a
+
+      edgepipe-agent daemon --listen tcp://10.0.0.2:5560 --state-dir /var/lib/edgepipe
+
+      edgepipe-agent daemon --insecure --listen tcp://127.0.0.1:5560    (testing only)
     """
+    import os
     import platform
 
-    from edgepipe.agent.device.daemon import ControlConfig, run_control
+    from edgepipe.agent.device.daemon import DaemonConfig, run_daemon
+    from edgepipe.agent.formats.control import BadRequest
+    from edgepipe.agent.formats.keys import AUTHORIZED_KEYS, KeyFileError, key_dir, load_keypair
 
-    if log_level.lower() not in LOG_LEVELS:
-        raise _fail(f"--log-level {log_level!r}: choose one of {', '.join(LOG_LEVELS)}")
-    if max_request_mb <= 0:
-        raise _fail(f"--max-request-mb {max_request_mb:g}: must be more than 0")
+    if log_level.lower() not in LOG_LEVELS or stage_log_level.lower() not in LOG_LEVELS:
+        raise _fail(f"--log-level/--stage-log-level: choose one of {', '.join(LOG_LEVELS)}")
+    if max_request_mb <= 0 or hang_s <= 0 or drain_timeout_s < 0 or (store_max_mb is not None and store_max_mb <= 0):
+        raise _fail("--max-request-mb, --hang-s and --store-max-mb must be more than 0")
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s edgepipe-agent[%(process)d] %(message)s")
-    config = ControlConfig(listen=listen, device=device or platform.node(), threads=threads,
-                           max_request_bytes=int(max_request_mb * 2**20), ready_file=ready_file)
-    stop = threading.Event()
+    try:
+        ports = parse_port_range(data_ports)
+        keys = key_dir()
+        if insecure:
+            logging.getLogger("edgepipe.agent").warning(
+                "INSECURE: --insecure given; the control endpoint %s accepts anyone who can reach it, and they "
+                "can deploy and run code on this device", listen)
+            keypair, key_file, operators = None, None, ()
+        else:
+            key_file = Path(key) if key is not None else keys / "device.key_secret"
+            keypair = load_keypair(key_file)
+            operators = tuple(authorized_keys) or (str(keys / AUTHORIZED_KEYS),)
+            for source in operators:
+                if not Path(source).expanduser().exists() and len(source) != 40:
+                    raise KeyFileError(f"{source}: no authorized keys file; put the workstation's public key in it "
+                                       "(one per line) or pass --authorized-keys")
+        config = DaemonConfig(
+            listen=listen, device=device or platform.node(), state_dir=(state_dir or default_state_dir()),
+            keypair=keypair, authorized_keys=operators, key_file=key_file, threads=threads,
+            max_request_bytes=int(max_request_mb * 2**20), ready_file=ready_file, data_bind=data_bind,
+            data_ports=ports, hang_s=hang_s, drain_timeout_s=drain_timeout_s,
+            store_quota_bytes=None if store_max_mb is None else int(store_max_mb * 2**20),
+            stage_log_level=stage_log_level.lower())
+    except (KeyFileError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    stop, reload = threading.Event(), threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: reload.set())
     try:
-        run_control(config, stop)
-    except (TransportError, OSError) as exc:
+        os.umask(0o027)  # the store and logs are nobody else's business
+        run_daemon(config, stop, reload)
+    except (TransportError, OSError, BadRequest, KeyFileError) as exc:
         raise _fail(str(exc)) from None
+
+
+app.command("daemon")(daemon_cmd)
+app.command("control", help="Alias of `daemon` (the name before deployments existed).")(daemon_cmd)
+
+
+@app.command("unit")
+def unit_cmd(
+    user: str = typer.Option("edgepipe", "--user", help="The account the daemon runs as."),
+    state_dir: Path = typer.Option(Path("/var/lib/edgepipe"), "--state-dir", help="The daemon's --state-dir."),
+    keys: Path = typer.Option(Path("/etc/edgepipe/keys"), "--keys", help="Key directory (device.key_secret, "
+                              "authorized_keys)."),
+    listen: str = typer.Option("tcp://*:5560", "--listen", help="The daemon's --listen."),
+    device: str = typer.Option("%H", "--device", help="The device's name in the cluster file (%H: the host name)."),
+    install: bool = typer.Option(False, "--install", metavar="",
+                                 help="Write /etc/systemd/system/edgepipe-agent.service (needs root) instead of "
+                                 "printing it."),
+) -> None:
+    """Print (or install) the systemd unit that runs `edgepipe-agent daemon` on this device.
+
+    Example, as root on a fresh device:
+
+      edgepipe-agent unit --install && systemctl daemon-reload && systemctl enable --now edgepipe-agent
+    """
+    from edgepipe.agent.device.unit import UNIT_PATH, render_unit
+
+    text = render_unit(executable=Path(sys.argv[0]).resolve() if Path(sys.argv[0]).name == "edgepipe-agent"
+                       else Path(sys.executable).with_name("edgepipe-agent"),
+                       user=user, state_dir=state_dir, key_dir=keys, listen=listen, device=device)
+    if not install:
+        typer.echo(text, nl=False)
+        return
+    try:
+        UNIT_PATH.write_text(text)
+    except OSError as exc:
+        raise _fail(f"cannot write {UNIT_PATH}: {exc.strerror} (run as root)") from None
+    typer.echo(f"wrote {UNIT_PATH}; now: systemctl daemon-reload && systemctl enable --now edgepipe-agent")
 
 
 @app.command("metrics")

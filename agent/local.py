@@ -224,11 +224,13 @@ class LocalPipeline:
     def status(self, index: int, replica: int = 0, timeout_s: float = 10.0) -> dict[str, Any]:
         """The agent's counters (the ``stage`` field of its --control status; needs control=True)."""
         from edgepipe.agent.control_client import request_status
+        from edgepipe.agent.transport import INSECURE
 
         agent = self.agent(index, replica)
         if agent.control is None:
             raise RuntimeError("start the pipeline with control=True to read agent status")
-        return request_status(agent.control, timeout_s=timeout_s)["stage"]
+        # a stage's --control listens on loopback in plaintext (docs/security.md)
+        return request_status(agent.control, auth=INSECURE, timeout_s=timeout_s)["stage"]
 
     # -- one agent
 

@@ -109,6 +109,12 @@ def compile_command(
         "With --cluster: have the devices measure bandwidth and latency to each other."))] = False,
     profile_bundle: Annotated[Path | None, typer.Option(
         help="Write the profiling bundle (one piece per distinct segment) to this dir and stop.")] = None,
+    key: Annotated[Path | None, typer.Option("--key", help=(
+        "With --profile/--probe-links/--from-run: this workstation's secret key (default: workstation.key_secret in "
+        "$EDGEPIPE_KEYS or ~/.config/edgepipe/keys)."))] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", metavar=FLAG, help=(
+        "With --profile/--probe-links/--from-run: talk to daemons started with --insecure (plaintext, no "
+        "authentication)."))] = False,
     opset: Annotated[int, typer.Option(help="ONNX opset for the export.")] = DEFAULT_OPSET,
     verify: Annotated[bool, typer.Option(metavar=FLAG, help="Check chained stages reproduce the whole model.")] = True,
     tolerance: Annotated[float, typer.Option(help="Largest allowed |difference| when verifying.")] = DEFAULT_TOLERANCE,
@@ -173,7 +179,7 @@ def compile_command(
             plan_obj, problem_obj = _plan_for_cluster(
                 model, onnx, checkpoint, opset, cluster, microbatch, max_tensors, out, problem_out, as_json,
                 profile=profile, profiles_dir=profiles_dir, profile_threads=profile_threads, probe=probe_links,
-                from_run=from_run, lossy=lossy)
+                from_run=from_run, lossy=lossy, key=key, insecure=insecure)
         elif profile or probe_links or profiles_dir is not None or from_run is not None:
             raise CompileError("--profile, --profiles-dir, --probe-links and --from-run need --cluster")
         elif plan is not None:
@@ -282,8 +288,9 @@ def _cut_row(index, cut: Cut, segment) -> dict:
 
 def _plan_for_cluster(model, onnx, checkpoint, opset, cluster_path, microbatch, max_tensors, out,
                       problem_out, quiet, *, profile=False, profiles_dir=None, profile_threads=1, probe=False,
-                      from_run=None, lossy=None):
+                      from_run=None, lossy=None, key=None, insecure=False):
     import dataclasses
+    import shutil
 
     from edgepipe.compiler.planning import apply_profiles, load_device_profiles, profile_warnings, usable_devices
     from edgepipe.planner.baselines import all_baselines
@@ -301,15 +308,16 @@ def _plan_for_cluster(model, onnx, checkpoint, opset, cluster_path, microbatch, 
     spec = spec_for(loaded, cuts)
     profiles_dir = Path(profiles_dir) if profiles_dir is not None else Path(out) / "profiles"
     left_out: dict[str, str] = {}
+    keypair = _workstation_keypair(key, insecure) if profile or probe or from_run is not None else None
     run = None
     if from_run is not None:
         if profile:
             raise CompileError("--from-run learns from a run's measurements; do not combine it with --profile")
-        run = _learn_from_run(from_run, cluster, spec, profiles_dir, quiet)
+        run = _learn_from_run(from_run, cluster, spec, profiles_dir, quiet, keypair)
     if profile or profiles_dir.is_dir():
         if profile:
             profiles, missing = _profile_devices(loaded, cuts, cluster, profiles_dir, microbatch, profile_threads,
-                                                 quiet, int8=lossy is not None and lossy.max_error is not None
+                                                 quiet, keypair, int8=lossy is not None and lossy.max_error is not None
                                                  and lossy.offer_int8)
         else:
             profiles, missing = load_device_profiles(profiles_dir, cluster, spec)
@@ -322,7 +330,7 @@ def _plan_for_cluster(model, onnx, checkpoint, opset, cluster_path, microbatch, 
         cluster, left_out = usable_devices(cluster, microbatch)
         _print_profile_sources(cluster, profiles, missing, left_out, quiet)
     if probe:
-        cluster = _probe_links(cluster, spec, profiles_dir, microbatch, quiet)
+        cluster = _probe_links(cluster, spec, profiles_dir, microbatch, quiet, keypair)
     problem = problem_for(cluster, spec, microbatch)
     problem = add_lossy_measurements(loaded, cuts, problem, lossy, quiet, err)
     if problem_out is not None:
@@ -333,6 +341,10 @@ def _plan_for_cluster(model, onnx, checkpoint, opset, cluster_path, microbatch, 
         plan = dataclasses.replace(plan, left_out={**plan.left_out, **left_out})
     Path(out).mkdir(parents=True, exist_ok=True)
     save_plan(plan, Path(out) / "plan.json")
+    # What `edgepipe-fleet deploy OUT` reads (devices' daemons and keys) and what a failover re-plans from.
+    save_problem(problem, Path(out) / "problem.json")
+    if Path(cluster_path).resolve() != (Path(out) / "cluster.toml").resolve():
+        shutil.copyfile(cluster_path, Path(out) / "cluster.toml")
     if not quiet:
         console.print(explain(problem, plan, all_baselines(problem, plan.microbatch)))
     if run is not None:
@@ -343,12 +355,12 @@ def _plan_for_cluster(model, onnx, checkpoint, opset, cluster_path, microbatch, 
     return plan, problem
 
 
-def _learn_from_run(run_path: Path, cluster, spec, profiles_dir: Path, quiet: bool):
+def _learn_from_run(run_path: Path, cluster, spec, profiles_dir: Path, quiet: bool, keypair):
     from edgepipe.agent.formats.profiles import ProfileError
     from edgepipe.compiler.planning import learn_from_run
 
     try:
-        run, observations = learn_from_run(run_path, cluster, spec, profiles_dir)
+        run, observations = learn_from_run(run_path, cluster, spec, profiles_dir, keypair)
     except ProfileError as exc:
         raise CompileError(f"--from-run {run_path}: {exc}") from None
     for o in observations:
@@ -366,8 +378,18 @@ def _learn_from_run(run_path: Path, cluster, spec, profiles_dir: Path, quiet: bo
     return run
 
 
+def _workstation_keypair(key: Path | None, insecure: bool):
+    from edgepipe.agent.formats.keys import key_dir, load_keypair
+
+    if insecure:
+        err.print("[yellow]warning:[/yellow] --insecure: profiling requests are plaintext and unauthenticated",
+                  highlight=False)
+        return None
+    return load_keypair(key or key_dir() / "workstation.key_secret")
+
+
 def _profile_devices(loaded, cuts, cluster, profiles_dir: Path, microbatch: int, threads: int, quiet: bool,
-                     int8: bool = False):
+                     keypair, int8: bool = False):
     from edgepipe.compiler.profiling import write_profile_bundle
     from edgepipe.compiler.remote_profile import profile_cluster
 
@@ -377,17 +399,17 @@ def _profile_devices(loaded, cuts, cluster, profiles_dir: Path, microbatch: int,
                   TimeElapsedColumn(), console=err, transient=True, disable=quiet) as bar:
         task = bar.add_task("profile", total=len(cluster.devices))
         return profile_cluster(cluster, bundle_dir, profiles_dir, (microbatch,), threads,
-                               on_device=lambda _outcome: bar.advance(task))
+                               on_device=lambda _outcome: bar.advance(task), keypair=keypair)
 
 
-def _probe_links(cluster, spec, profiles_dir: Path, microbatch: int, quiet: bool):
+def _probe_links(cluster, spec, profiles_dir: Path, microbatch: int, quiet: bool, keypair):
     import dataclasses
 
     from edgepipe.compiler.remote_profile import merge_links, probe_links
 
     # the largest activation a stage may send: what the planner's link times are about
     tensor_bytes = min(max(s.out_bytes for s in spec.segments) * microbatch, 64 * 2**20)
-    links, failures = probe_links(cluster, profiles_dir, tensor_bytes)
+    links, failures = probe_links(cluster, profiles_dir, tensor_bytes, keypair=keypair)
     for pair, reason in failures.items():
         err.print(f"[yellow]link {pair} not measured:[/yellow] {reason}", highlight=False)
     if not quiet and links:

@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from edgepipe.agent.client.trace import Run
+from edgepipe.agent.formats.keys import KeyPair
 from edgepipe.agent.formats.profiles import (
     DeviceProfile,
     Learned,
@@ -258,24 +259,32 @@ def compare_with_run(problem: Problem, run: Run, best: Plan) -> RunComparison:
                          best_throughput=best.throughput, best_plan=best, faster_pct=faster)
 
 
-def device_ort_versions(cluster: Cluster, timeout_s: float = 3.0) -> dict[str, str | None]:
+def device_ort_versions(cluster: Cluster, timeout_s: float = 3.0, keypair: KeyPair | None = None,
+                        ) -> dict[str, str | None]:
     """The ONNX Runtime version each device reports now (``status`` on its control endpoint: an
-    idle daemon or a serving agent's ``--control``); None for a device that does not answer."""
+    idle daemon or a serving agent's ``--control``), asked with the workstation's ``keypair`` (None:
+    insecure mode); None for a device that does not answer."""
     from edgepipe.agent.control_client import request_status
     from edgepipe.agent.formats.control import ControlError
-    from edgepipe.compiler.remote_profile import control_endpoint
+    from edgepipe.compiler.remote_profile import cluster_access, control_endpoint
 
-    versions: dict[str, str | None] = {}
+    versions: dict[str, str | None] = {d.name: None for d in cluster.devices}
+    try:
+        access = cluster_access(cluster, keypair)
+    except ControlError:
+        return versions
     for device in cluster.devices:
         try:
-            versions[device.name] = str(request_status(control_endpoint(device), timeout_s=timeout_s)["ort_version"])
+            status = request_status(control_endpoint(device, access), auth=access.auth(device.name),
+                                    timeout_s=timeout_s)
+            versions[device.name] = str(status["ort_version"])
         except (ControlError, KeyError, TypeError):
             versions[device.name] = None
     return versions
 
 
-def learn_from_run(run_path: Path, cluster: Cluster, spec: ModelSpec, profiles_dir: Path) -> tuple[Run,
-                                                                                               list[StageObservation]]:
+def learn_from_run(run_path: Path, cluster: Cluster, spec: ModelSpec, profiles_dir: Path,
+                   keypair: KeyPair | None = None) -> tuple[Run, list[StageObservation]]:
     """``edgepipe-compile ... --from-run RUN.json``: read the run, update the profiles it may update."""
     from edgepipe.agent.client.trace import TraceError, load_run
 
@@ -283,7 +292,7 @@ def learn_from_run(run_path: Path, cluster: Cluster, spec: ModelSpec, profiles_d
         run = load_run(run_path)
     except TraceError as exc:
         raise ProfileError(str(exc)) from None
-    observations = observe_run(run, profiles_dir, spec.model_sha256, device_ort_versions(cluster))
+    observations = observe_run(run, profiles_dir, spec.model_sha256, device_ort_versions(cluster, keypair=keypair))
     learn(observations, profiles_dir, str(run_path))
     return run, observations
 

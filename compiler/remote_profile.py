@@ -1,6 +1,8 @@
 """Profile every device of a cluster, and the links between them, from the workstation.
 
-Each device runs ``edgepipe-agent control`` at the address its cluster entry gives. The
+Each device runs ``edgepipe-agent daemon`` at the control endpoint its cluster entry gives
+(``control``, or ``address``). Requests are authenticated (CurveZMQ: the workstation's keypair and
+each device's ``public_key``) unless the caller passes no keypair (insecure mode, by name). The
 profiling bundle travels to the device in the request and the DeviceProfile comes back, so no one
 logs in anywhere. A stored profile (``<out_dir>/<device>.json``) is reused while its key (model
 hash, device, microbatch sizes, dtype, the device's ONNX Runtime version as it reports it now,
@@ -16,8 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgepipe.agent.control_client import request_probe, request_profile, request_status
+from edgepipe.agent.control_client import auth_for, control_request, request_probe, request_profile, request_status
 from edgepipe.agent.formats.control import ControlError
+from edgepipe.agent.formats.keys import KeyPair
 from edgepipe.agent.formats.profiles import (
     PROFILE_VERSION,
     DeviceProfile,
@@ -43,10 +46,37 @@ class DeviceOutcome:
     source: str  # "measured", "reused", or why there is no profile
 
 
-def control_endpoint(device: Device) -> str:
-    """The device's control endpoint from its cluster ``address`` (``tcp://host:port`` or ``host:port``)."""
+@dataclass(frozen=True)
+class Access:
+    """How the workstation reaches a cluster's daemons: its keypair (None: insecure mode) and per
+    device the control endpoint and public key from the cluster file."""
+
+    keypair: KeyPair | None
+    endpoints: dict[str, str]
+    keys: dict[str, str | None]
+
+    def auth(self, device: str):
+        return auth_for(self.keypair, self.keys.get(device))
+
+
+def cluster_access(cluster: Cluster, keypair: KeyPair | None) -> Access:
+    """Endpoints and keys of every device that names a daemon; ControlError for a device whose entry
+    is unusable (the caller reports it with the others)."""
+    from edgepipe.compiler.fleet.build import BuildError, device_targets
+
+    try:
+        targets = device_targets(cluster)
+    except BuildError as exc:
+        raise ControlError(str(exc)) from None
+    return Access(keypair, {n: t.control for n, t in targets.items()}, {n: t.public_key for n, t in targets.items()})
+
+
+def control_endpoint(device: Device, access: Access | None = None) -> str:
+    """The device's control endpoint (cluster ``control``, else ``address``)."""
+    if access is not None and device.name in access.endpoints:
+        return access.endpoints[device.name]
     if not device.address:
-        raise ControlError(f"device {device.name!r} has no address in the cluster file")
+        raise ControlError(f"device {device.name!r} has no control endpoint in the cluster file")
     return device.address if "://" in device.address else f"tcp://{device.address}"
 
 
@@ -57,11 +87,12 @@ def expected_key(model_sha256: str, device: str, microbatches: Sequence[int], or
 
 
 def profile_device(device: Device, bundle_dir: Path, out_dir: Path, microbatches: Sequence[int], threads: int,
-                   timeout_s: float, model_sha256: str, repeats: int = 10) -> DeviceOutcome:
+                   timeout_s: float, model_sha256: str, access: Access, repeats: int = 10) -> DeviceOutcome:
     """Reuse or measure one device's profile; never raises for the device's own failures."""
     try:
-        endpoint = control_endpoint(device)
-        status = request_status(endpoint, timeout_s=min(timeout_s, 5.0))
+        endpoint = control_endpoint(device, access)
+        auth = access.auth(device.name)
+        status = request_status(endpoint, auth=auth, timeout_s=min(timeout_s, 5.0))
         path = profile_path(out_dir, device.name)
         want = expected_key(model_sha256, device.name, microbatches, str(status.get("ort_version")), threads)
         if path.is_file():
@@ -71,7 +102,7 @@ def profile_device(device: Device, bundle_dir: Path, out_dir: Path, microbatches
                     return DeviceOutcome(device.name, stored, "reused")
             except ProfileError:
                 pass  # unreadable or foreign: measure again and overwrite
-        profile = request_profile(endpoint, bundle_dir, device.name, microbatches, threads, repeats=repeats,
+        profile = request_profile(endpoint, bundle_dir, device.name, microbatches, threads, repeats=repeats, auth=auth,
                                   timeout_s=timeout_s)
         if profile.key() != want:
             return DeviceOutcome(device.name, None, f"{device.name}: the device returned a profile for "
@@ -84,7 +115,8 @@ def profile_device(device: Device, bundle_dir: Path, out_dir: Path, microbatches
 
 def profile_cluster(cluster: Cluster, profile_bundle_dir: Path, out_dir: Path, microbatches: Sequence[int],
                     threads: int = 1, timeout_s: float = 600.0, parallel: bool = False,
-                    on_device: Callable[[DeviceOutcome], None] | None = None, repeats: int = 10,
+                    on_device: Callable[[DeviceOutcome], None] | None = None, repeats: int = 10, *,
+                    keypair: KeyPair | None,
                     ) -> tuple[list[DeviceProfile], dict[str, str]]:
     """Every device's profile (reused or measured) and, per device without one, why not.
 
@@ -92,10 +124,11 @@ def profile_cluster(cluster: Cluster, profile_bundle_dir: Path, out_dir: Path, m
     emulated testbed, would slow each other down and skew the numbers)."""
     bundle = load_profile_bundle(profile_bundle_dir)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
+    access = cluster_access(cluster, keypair)
 
     def one(device: Device) -> DeviceOutcome:
         outcome = profile_device(device, Path(profile_bundle_dir), Path(out_dir), microbatches, threads,
-                                 timeout_s, bundle.model_sha256, repeats)
+                                 timeout_s, bundle.model_sha256, access, repeats)
         if on_device is not None:
             on_device(outcome)
         return outcome
@@ -111,16 +144,22 @@ def profile_cluster(cluster: Cluster, profile_bundle_dir: Path, out_dir: Path, m
 
 
 def probe_links(cluster: Cluster, out_dir: Path, tensor_bytes: int, count: int = 5, seconds: float = 5.0,
-                timeout_s: float = 30.0) -> tuple[list[Link], dict[str, str]]:
+                timeout_s: float = 30.0, *, keypair: KeyPair | None) -> tuple[list[Link], dict[str, str]]:
     """Ask each device to probe every other (all ordered pairs); the slower direction of a pair is
     its symmetric link. Saves ``<out_dir>/links.json``; returns the links and, per unreachable
-    device or failed pair ("a->b"), why."""
+    device or failed pair ("a->b"), why. In secure mode every daemon is first told the other
+    devices' keys (``peers``: they may send it echoes, nothing else), and each probe names the
+    peer's key, so no daemon ever connects to a peer it cannot authenticate."""
     measured: dict[tuple[str, str], dict] = {}
     failures: dict[str, str] = {}
     reachable = []
-    for device in cluster.devices:  # one short status each, so a dead device costs seconds, not minutes
+    access = cluster_access(cluster, keypair)
+    peer_keys = sorted({k for k in access.keys.values() if k})
+    for device in cluster.devices:  # one short request each, so a dead device costs seconds, not minutes
         try:
-            request_status(control_endpoint(device), timeout_s=min(timeout_s, 5.0))
+            header = {"cmd": "peers", "keys": peer_keys} if keypair is not None else {"cmd": "status"}
+            control_request(control_endpoint(device, access), header, auth=access.auth(device.name),
+                            timeout_s=min(timeout_s, 5.0))
             reachable.append(device)
         except ControlError as exc:
             failures[device.name] = str(exc)
@@ -129,8 +168,9 @@ def probe_links(cluster: Cluster, out_dir: Path, tensor_bytes: int, count: int =
             if src.name == dst.name:
                 continue
             try:
-                reply = request_probe(control_endpoint(src), control_endpoint(dst), tensor_bytes, count, seconds,
-                                      timeout_s)
+                reply = request_probe(control_endpoint(src, access), control_endpoint(dst, access), tensor_bytes,
+                                      count, seconds, auth=access.auth(src.name), peer_key=access.keys.get(dst.name),
+                                      timeout_s=timeout_s)
                 measured[(src.name, dst.name)] = {"bandwidth_mbps": float(reply["bandwidth_mbps"]),
                                                   "latency_s": float(reply["latency_s"])}
             except (ControlError, KeyError, TypeError, ValueError) as exc:

@@ -137,6 +137,13 @@ def extract_stage(model: ir.Model, inputs: list[str], outputs: list[str], index:
     except ValueError as exc:
         raise CutError(f"stage {index} (inputs {inputs}) is not a clean cut: {exc}") from exc
     graph.name = f"stage_{index}"
+    # extract collects initializers through a set, so their order (and the bytes of stage.onnx and
+    # its data file) would change from one compile to the next; sorted, an unchanged stage is
+    # byte for byte the same and a redeploy need not send it again.
+    initializers = sorted(graph.initializers.items())
+    graph.initializers.clear()
+    for _, value in initializers:
+        graph.initializers.add(value)
     for node in graph:
         for key in [k for k in node.metadata_props if k not in _KEEP_METADATA]:
             del node.metadata_props[key]

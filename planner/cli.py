@@ -14,7 +14,7 @@ from rich.console import Console
 
 from .baselines import all_baselines
 from .cluster import ClusterError, load_cluster, problem_for
-from .console import console_for_output
+from .console import HelpCommand, console_for_output
 from .cost import make_plan, placements_of
 from .explain import explain, explain_dict
 from .plan import Plan, PlanError, load_plan, save_plan
@@ -25,7 +25,7 @@ from .solver import DEFAULT_MAX_EXACT_STATES, DEFAULT_THROUGHPUT_SLACK, Infeasib
 app = typer.Typer(add_completion=False, rich_markup_mode="markdown", pretty_exceptions_enable=False)
 
 
-@app.command()
+@app.command(cls=HelpCommand)
 def plan_command(
     problem_file: Path = typer.Argument(
         None, metavar="PROBLEM.json", show_default=False,

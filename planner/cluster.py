@@ -8,7 +8,7 @@ a planning Problem. Format documented in docs/formats/cluster.md.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,9 @@ else:  # pragma: no cover - the project runs 3.11, devices may run 3.10
 
 
 TESTBED_DEVICE_KEYS = frozenset({"cpu", "cpuset"})
+# Read by edgepipe-fleet (compiler/fleet) to reach and authenticate each device's daemon; the planner
+# ignores them. Keys are Z85 text or key file paths (relative to the cluster file).
+DEPLOY_DEVICE_KEYS = frozenset({"control", "public_key"})
 
 
 class ClusterError(ValueError):
@@ -48,6 +51,12 @@ class Cluster:
     runtime_overhead_bytes: int = DEFAULT_RUNTIME_OVERHEAD_BYTES
     queue_depth: int = 2
     source: str = "<cluster>"
+    # Deployment (edgepipe-fleet), not planning: device name -> its daemon's control endpoint and
+    # public key; the workstation's public key; the public keys of clients allowed to submit.
+    control: dict[str, str] = field(default_factory=dict)
+    public_keys: dict[str, str] = field(default_factory=dict)
+    workstation_key: str = ""
+    client_keys: tuple[str, ...] = ()
 
 
 def load_cluster(path: str | Path) -> Cluster:
@@ -68,12 +77,15 @@ def cluster_from_dict(raw: dict[str, Any], source: str = "<cluster>") -> Cluster
     head = raw.get("cluster", {})
     if not isinstance(head, dict):
         raise ClusterError(f"{source}: [cluster]: must be a table")
-    _known(head, {"name", "client_bandwidth", "runtime_overhead", "queue_depth"}, source, "[cluster]")
+    _known(head, {"name", "client_bandwidth", "runtime_overhead", "queue_depth", "workstation_key", "clients"},
+           source, "[cluster]")
     name = _field(head, "name", source, "[cluster]", str, default=Path(source).stem)
     client = _field(head, "client_bandwidth", source, "[cluster]", parse_mbps, default=None)
     overhead = _field(head, "runtime_overhead", source, "[cluster]", parse_bytes,
                       default=DEFAULT_RUNTIME_OVERHEAD_BYTES)
     queue_depth = _field(head, "queue_depth", source, "[cluster]", _positive_int, default=2)
+    workstation_key = _field(head, "workstation_key", source, "[cluster]", str, default="")
+    clients = _field(head, "clients", source, "[cluster]", _text_list, default=())
 
     types = []
     for i, t in enumerate(_tables(raw, "type", source)):
@@ -97,13 +109,20 @@ def cluster_from_dict(raw: dict[str, Any], source: str = "<cluster>") -> Cluster
             int8=None if int8_gflops is None else Int8Speed(gflops=int8_gflops),
         ))
     devices = []
+    control: dict[str, str] = {}
+    public_keys: dict[str, str] = {}
     for i, d in enumerate(_tables(raw, "device", source)):
         where = f"[[device]] #{i + 1}"
         # cpu and cpuset are read by the testbed (tools/testbed.py) to emulate the device; the
         # planner plans from measured or declared speeds, not from them.
-        _known(d, {"name", "type", "address", "memory", "bandwidth"} | TESTBED_DEVICE_KEYS, source, where)
+        _known(d, {"name", "type", "address", "memory", "bandwidth"} | TESTBED_DEVICE_KEYS | DEPLOY_DEVICE_KEYS,
+               source, where)
         dname = _field(d, "name", source, where, str)
         where = f"[[device]] {dname!r}"
+        if "control" in d:
+            control[dname] = _field(d, "control", source, where, str)
+        if "public_key" in d:
+            public_keys[dname] = _field(d, "public_key", source, where, str)
         devices.append(Device(
             name=dname,
             type=_field(d, "type", source, where, str),
@@ -123,7 +142,8 @@ def cluster_from_dict(raw: dict[str, Any], source: str = "<cluster>") -> Cluster
         ))
     cluster = Cluster(name=name, device_types=tuple(types), devices=tuple(devices), links=tuple(links),
                       client_bandwidth_mbps=client, runtime_overhead_bytes=overhead,
-                      queue_depth=queue_depth, source=source)
+                      queue_depth=queue_depth, source=source, control=control, public_keys=public_keys,
+                      workstation_key=workstation_key, client_keys=clients)
     _check(cluster)
     return cluster
 
@@ -231,6 +251,12 @@ def _positive_float(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
         raise ValueError(f"expected a positive number, got {value!r}")
     return float(value)
+
+
+def _text_list(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"expected a list of non-empty strings, got {value!r}")
+    return tuple(value)
 
 
 def _positive_int(value: Any) -> int:

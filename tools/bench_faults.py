@@ -11,7 +11,9 @@ thread; every result is checked against the unsplit model.
   normal client's median latency (one request at a time) during the flood vs unloaded. On one
   2-core machine the flooding process itself takes most of a core from the pipeline, which an
   attacker on its own machine would not; ``flood2k`` paces the flood at 2,000 messages/s (some 65
-  times the flood that stalled version 1) to show the pipeline's own cost.
+  times the flood that stalled version 1) to show the pipeline's own cost; ``flood_own_cpu`` (root)
+  gives the flooder CPU of its own, as an attacker's machine would: cgroup v1 quotas of 1.5 cores
+  for the pipeline and its normal client (unloaded and flooded alike) and 0.5 core for the flooder.
 
 Measured: time to detect (the fault to the first log line of a neighbour declaring the stage down),
 time from the restart (or the end of the pause) to the next result, results lost and duplicated
@@ -40,7 +42,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -213,7 +215,8 @@ def pause(bench: Bench, stage: int = 1, seconds: float = 10.0) -> dict[str, Any]
             "resume_to_next_result_s": None if next_result is None else next_result - resumed}
 
 
-def flood(bench: Bench, seconds: float = 20.0, unloaded_s: float = 10.0, rate: float = 0.0) -> dict[str, Any]:
+def flood(bench: Bench, seconds: float = 20.0, unloaded_s: float = 10.0, rate: float = 0.0,
+          on_flooder: Callable[[int], None] | None = None) -> dict[str, Any]:
     bench.start_stream(window=1)  # one request at a time: its latency is the pipeline's, not a queue's
     time.sleep(unloaded_s)
     flood_start = time.time()
@@ -222,6 +225,8 @@ def flood(bench: Bench, seconds: float = 20.0, unloaded_s: float = 10.0, rate: f
                                 "--flood-key-file", str(bench.pipe.client_key_files[1]),
                                 "--flood-seconds", str(seconds), "--flood-rate", str(rate)],
                                stdout=subprocess.PIPE, text=True)
+    if on_flooder is not None:
+        on_flooder(flooder.pid)
     sent = json.loads(flooder.communicate(timeout=seconds + 120)[0] or "{}").get("sent", 0)
     flood_end = time.time()
     time.sleep(3)
@@ -276,6 +281,42 @@ def flood_role(entry: str, server_key: str, key_file: Path, seconds: float, rate
     print(json.dumps({"sent": sent}))
 
 
+@contextlib.contextmanager
+def cpu_group(name: str, cores: float) -> Iterator[Callable[[int], None]]:
+    """A cgroup of ``cores`` CPUs; yields ``join(pid)``. Every process that joined is moved back to
+    the root group before the group is removed (removing it kills what is still inside)."""
+    import emulate  # tools/: cgroup v1 helpers of the testbed
+
+    emulate.create_cgroup(name, cpu=cores, cpuset=None, memory_bytes=None)
+    joined: list[int] = []
+
+    def join(pid: int) -> None:
+        for procs in emulate.cgroup_procs_files(name):
+            procs.write_text(str(pid))
+        joined.append(pid)
+
+    try:
+        yield join
+    finally:
+        for pid in joined:
+            for controller in emulate.CONTROLLERS:
+                with contextlib.suppress(OSError):  # the process may have exited
+                    (emulate.CGROUP_ROOT / controller / "cgroup.procs").write_text(str(pid))
+        emulate.remove_cgroup(name)
+
+
+def flood_own_cpu(bench: Bench, pipeline_cores: float = 1.5, flooder_cores: float = 0.5) -> dict[str, Any]:
+    """The flood from a process with CPU of its own: the pipeline (agents and this benchmark's normal
+    client) shares ``pipeline_cores``, the flooder has ``flooder_cores``, before and during the flood."""
+    group = f"edgepipe-flood-{os.getpid()}"
+    with cpu_group(f"{group}-pipeline", pipeline_cores) as join_pipeline, \
+            cpu_group(f"{group}-flooder", flooder_cores) as join_flooder:
+        for pid in (os.getpid(), *(agent.process.pid for agent in bench.pipe.agents)):
+            join_pipeline(pid)
+        row = flood(bench, on_flooder=join_flooder)
+    return {**row, "fault": row["fault"] + f" (flooder {flooder_cores:g} core, pipeline {pipeline_cores:g} cores)"}
+
+
 SCENARIOS: dict[str, Callable[[Bench], dict[str, Any]]] = {
     "kill0": kill_and_restart(0),
     "kill1": kill_and_restart(1),
@@ -283,7 +324,9 @@ SCENARIOS: dict[str, Callable[[Bench], dict[str, Any]]] = {
     "pause": pause,
     "flood": flood,
     "flood2k": lambda bench: flood(bench, rate=2000.0),
+    "flood_own_cpu": flood_own_cpu,
 }
+NEEDS_ROOT = {"flood_own_cpu"}
 
 
 # ---- running ------------------------------------------------------------------------------------
@@ -382,6 +425,11 @@ def main(
         typer.echo(f"bench_faults: error: unknown scenario(s) {', '.join(unknown)} (known: {', '.join(SCENARIOS)})",
                    err=True)
         raise typer.Exit(2)
+    import emulate  # tools/
+
+    if (problem := emulate.host_problem()) is not None and NEEDS_ROOT & set(names):
+        console.print(f"skipping {', '.join(sorted(NEEDS_ROOT & set(names)))}: {problem}")
+        names = [n for n in names if n not in NEEDS_ROOT]
     from edgepipe.compiler.build import compile_model
 
     out = Path("build") / f"bench-faults-{model}-{stages}"

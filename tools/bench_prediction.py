@@ -83,8 +83,10 @@ def run_one(model: str, n: int, cpu: float, microbatch: int, count: int, warmup:
         controls = []
         for d in devices:
             ready, logf = out / f"control-{d}.json", out / f"control-{d}.log"
+            # --insecure: an isolated testbed, and profiling is what is measured here, not the channel
             proc = bed.run_in(d, [str(BIN / "edgepipe-agent"), "control", "--listen", bed.endpoint(d, CONTROL_PORT),
-                                  "--device", d, "--ready-file", str(ready)], stdout=logf.open("w"),
+                                  "--device", d, "--ready-file", str(ready), "--insecure",
+                                  "--state-dir", str(out / f"state-{d}")], stdout=logf.open("w"),
                               stderr=subprocess.STDOUT)
             controls.append(proc)
             wait_ready(proc, ready, logf, f"control daemon on {d}")
@@ -92,7 +94,7 @@ def run_one(model: str, n: int, cpu: float, microbatch: int, count: int, warmup:
         started = time.perf_counter()
         compiled = subprocess.run(
             [str(BIN / "edgepipe-compile"), model, "--cluster", str(cluster), "--profile", "--probe-links",
-             "--microbatch", str(microbatch), "-o", str(out / "build"), "--no-verify", "--json"],
+             "--insecure", "--microbatch", str(microbatch), "-o", str(out / "build"), "--no-verify", "--json"],
             capture_output=True, text=True)
         if compiled.returncode != 0:
             raise BenchError(f"edgepipe-compile failed: {compiled.stderr.strip()[-500:]}")

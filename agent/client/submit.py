@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import typer
+from edgepipe.agent import clihelp
 from edgepipe.agent.client.client import Client, ClientError, Result
 from edgepipe.agent.client.inputs import (
     InputError,
@@ -27,7 +28,7 @@ from edgepipe.agent.client.report import ReportError, compare, print_prediction,
 from edgepipe.agent.formats.bundle import BundleError
 from edgepipe.agent.formats.endpoints import EndpointsError
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+app = clihelp.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
 
@@ -229,9 +230,9 @@ def print_report(report: Report) -> None:
 
 @app.command()
 def submit(
-    entry: str | None = typer.Argument(None, metavar="[ENTRY]", help="First agent's --listen, e.g. tcp://dev0:5550 "
+    entry: str | None = typer.Argument(None, metavar="ENTRY", help="First agent's --listen, e.g. tcp://dev0:5550 "
                                        "(or --endpoints)."),
-    exit_: str | None = typer.Argument(None, metavar="[EXIT]", help="Last agent's --results address, e.g. "
+    exit_: str | None = typer.Argument(None, metavar="EXIT", help="Last agent's --results address, e.g. "
                                        "tcp://dev2:5551."),
     endpoints: Path | None = typer.Option(None, "--endpoints", metavar="FILE",
                                           help="The deployment's endpoints.json (addresses, "
@@ -248,7 +249,8 @@ def submit(
                               help="Compress float32 inputs on the way in: raw, fp16 or int8."),
     random: bool = typer.Option(False, "--random", help="Send random data (the default): with --bundle, token ids "
                                 "within the vocabulary, masks of ones, normal noise for real inputs."),
-    npy: list[Path] = typer.Option([], "--npy", help="A .npy array of samples (axis 0), for a single-input model."),
+    npy: list[Path] = typer.Option([], "--npy", metavar="FILE.npy",
+                                   help="A .npy array of samples (axis 0), for a single-input model."),
     input_files: list[str] = typer.Option([], "--input", metavar="NAME=FILE.npy|FILE.npz", help=(
         "An input's samples (axis 0); repeat for each input, or give one .npz holding one array per input.")),
     images: Path | None = typer.Option(None, "--images", help="A folder of images (needs Pillow)."),
@@ -259,7 +261,9 @@ def submit(
                                      help="Microbatch size (samples per request) [8, or a fixed-batch model's own]."),
     count: int | None = typer.Option(None, "--count", "-n", min=1,
                                      help="Number of microbatches [8 for --random; all data otherwise]."),
-    window: int = typer.Option(8, "--window", min=1, help="Requests in flight."),
+    window: int = typer.Option(8, "--window", min=1, help="Requests in flight. One more than the number of "
+                               "stages keeps every stage busy; each beyond that adds about one step of the slowest "
+                               "stage to every request's latency."),
     timeout_s: float | None = typer.Option(None, "--timeout-s", help="Last resort: send a request again when "
                                            "its result has not come after this long [5x the slowest recent "
                                            "latency, at least 30 s; 120 s before the first result]. Faults are "

@@ -136,10 +136,12 @@ def status_reader(control: str, timeout_s: float = 2.0) -> Callable[[], dict[str
     """Ask ``control`` for status; None when it does not answer (the scrape then says up = 0)."""
     from edgepipe.agent.control_client import request_status
     from edgepipe.agent.formats.control import ControlError
+    from edgepipe.agent.transport import INSECURE
 
     def read() -> dict[str, Any] | None:
         try:
-            return request_status(control, timeout_s=timeout_s)
+            # a stage's --control endpoint is plaintext (the device daemon asks it over loopback)
+            return request_status(control, auth=INSECURE, timeout_s=timeout_s)
         except ControlError:
             return None
 

@@ -121,3 +121,22 @@ def test_replicated_first_and_last_stages_serve_one_client(toy_bundles: list[Pat
     for stage in (0, 2):
         shares = [exit_counts(pipe.log_text(stage, r))["computed"] for r in range(2)]
         assert sum(shares) == len(inputs) and min(shares) > 0, (stage, shares)
+
+
+def test_next_weight_steers_work_to_the_heavier_replica(toy_bundles: list[Path], tmp_path: Path) -> None:
+    """`--next-weight 1 --next-weight 3`: the second replica of stage 1 (weight 3, e.g. a 3x faster
+    board) is given the work first; every result still arrives once, correct."""
+    inputs = [toy_input(1 + i % 4, 7000 + i) for i in range(120)]
+    with LocalPipeline(toy_bundles, max_batch=8, log_dir=tmp_path / "logs", replicas={1: 2}, control=True,
+                       stage_args={0: ["--next-weight", "1", "--next-weight", "3"]}) as pipe:
+        with pipe.client(window=8) as client:
+            outputs = list(client.map(inputs))
+        weights = [r["weight"] for r in pipe.status(0)["neighbours"] if "weight" in r]
+        codes = pipe.stop()
+    assert sorted(weights) == [1.0, 3.0]
+    for x, out in zip(inputs, outputs, strict=True):
+        np.testing.assert_allclose(out["out"], toy_reference(x)["out"], atol=1e-5)
+    light, heavy = (exit_counts(pipe.log_text(1, r))["computed"] for r in (0, 1))
+    assert light + heavy == len(inputs)
+    assert heavy >= 1.4 * light, (light, heavy)  # 1.9x measured; the split follows load as well as weight
+    assert codes == [0, 0, 0, 0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -97,7 +98,9 @@ def test_unreachable_pipeline_is_a_one_line_error() -> None:
     assert result.returncode == 1
     (warning, line) = result.stderr.strip().splitlines()
     assert "warning: --insecure" in warning
-    assert "no answer from the entry tcp://127.0.0.1:9 for 0.5 s (is the first agent running?" in line
+    # the time is what the client actually waited: at least the timeout, more on a loaded machine
+    assert re.search(r"no answer from the entry tcp://127\.0\.0\.1:9 for \d+\.\d s \(is the first agent running\?",
+                     line), line
 
 
 def test_secure_by_default_without_keys_is_a_one_line_error() -> None:

@@ -13,7 +13,7 @@ from edgepipe.agent.client.trace import load_run
 from edgepipe.agent.device.profiler import robust_summary
 from edgepipe.agent.formats.profiles import load_profile, profile_to_dict
 from edgepipe.agent.local import LocalPipeline
-from profiling_testlib import TINY, cli, write_cluster
+from profiling_testlib import TINY, cli, workstation, write_cluster
 
 
 def run_and_trace(stages: list[Path], plan: Path, trace: Path) -> None:
@@ -45,7 +45,7 @@ def test_from_run_updates_profiles_and_finds_the_faster_plan(misled: Path) -> No
     before = {d: load_profile(misled / "profiles" / f"{d}.json") for d in ("d0", "d1")}
     result = cli("edgepipe-compile", TINY, "--cluster", str(misled / "c.toml"), "--profiles-dir",
                  str(misled / "profiles"), "--microbatch", "2", "--from-run", str(misled / "run.json"),
-                 "-o", str(misled / "second"), "--no-verify")
+                 "--key", str(workstation()[1]), "-o", str(misled / "second"), "--no-verify")
     assert result.returncode == 0, result.stderr
     assert "Learned from" in result.stdout
     run = load_run(misled / "run.json")
@@ -76,8 +76,8 @@ def test_from_run_refuses_what_it_cannot_learn_from(misled: Path, tmp_path: Path
     no_plan.write_text(json.dumps(raw))
     result = cli("edgepipe-compile", TINY, "--cluster", str(misled / "c.toml"), "--profiles-dir",
                  str(misled / "profiles"), "--microbatch", "2", "--from-run", str(no_plan), "-o", str(tmp_path / "o"),
-                 "--no-verify")
-    assert result.returncode == 2 and "--report PLAN.json --trace" in result.stderr
+                 "--no-verify", "--key", str(workstation()[1]))
+    assert result.returncode == 2 and "--report PLAN.json --trace" in result.stderr  # bad input
     assert len(result.stderr.strip().splitlines()) == 1
     result = cli("edgepipe-compile", TINY, "--stages", "2", "--from-run", str(no_plan), "-o", str(tmp_path / "o2"))
     assert result.returncode == 2 and "need --cluster" in result.stderr
@@ -90,7 +90,8 @@ def test_a_device_whose_runtime_cannot_be_confirmed_is_not_updated(misled: Path,
     cluster = write_cluster(tmp_path / "c.toml", {"d0": "tcp://127.0.0.1:9", "d1": "tcp://127.0.0.1:9"},
                             types={"d0": "slow", "d1": "cpu"})
     result = cli("edgepipe-compile", TINY, "--cluster", str(cluster), "--profiles-dir", str(profiles),
-                 "--microbatch", "2", "--from-run", str(misled / "run.json"), "-o", str(tmp_path / "o"), "--no-verify",
+                 "--microbatch", "2", "--from-run", str(misled / "run.json"),
+                 "--key", str(workstation()[1]), "-o", str(tmp_path / "o"), "--no-verify",
                  "--json")
     assert result.returncode == 0, result.stderr
     assert "profile not updated: ONNX Runtime version not confirmed" in result.stderr

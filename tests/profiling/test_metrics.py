@@ -13,6 +13,7 @@ import pytest
 from edgepipe.agent.control_client import request_status
 from edgepipe.agent.device.metrics import render
 from edgepipe.agent.local import LocalPipeline
+from edgepipe.agent.transport import INSECURE
 from profiling_testlib import BIN, TINY, cli, dead_endpoint
 
 STATUS = {  # a status reply with the `stage` field as the data plane defines it (docs/profiling.md)
@@ -83,7 +84,7 @@ def test_exporter_serves_a_live_stage(served) -> None:
 
 def test_exporter_counts_requests_of_a_live_stage(served) -> None:
     pipe, control, url, root = served
-    assert "stage" in request_status(control), "the serving agent's status must carry `stage` counters"
+    assert "stage" in request_status(control, auth=INSECURE), "the serving agent's status must carry `stage` counters"
     result = cli("edgepipe-submit", *pipe.submit_args(), "--bundle", str(root / "b" / "stage-0"), "-b", "2",
                  "-n", "5", "--warmup", "0", "--json")
     assert result.returncode == 0, result.stderr

@@ -13,7 +13,9 @@ from edgepipe.compiler.planning import load_device_profiles
 from edgepipe.compiler.remote_profile import DeviceOutcome, load_links, probe_links, profile_cluster
 from edgepipe.planner.cluster import load_cluster
 from edgepipe.planner.problem import ModelSpec, Segment
-from profiling_testlib import TINY, cli, dead_endpoint, write_cluster
+from profiling_testlib import TINY, cli, dead_endpoint, workstation, write_cluster
+
+WS = workstation()[0]
 
 
 def spec_of(bundle_dir: Path) -> ModelSpec:
@@ -27,14 +29,14 @@ def test_profile_cluster_measures_reuses_and_names_the_unreachable(daemons, prof
     cluster = load_cluster(write_cluster(tmp_path / "c.toml", {**daemons, "gone": dead_endpoint()}))
     out = tmp_path / "profiles"
     seen: list[DeviceOutcome] = []
-    profiles, failures = profile_cluster(cluster, profile_bundle_dir, out, (1,), on_device=seen.append)
+    profiles, failures = profile_cluster(cluster, profile_bundle_dir, out, (1,), on_device=seen.append, keypair=WS)
     assert sorted(p.device for p in profiles) == ["d0", "d1"]
     assert list(failures) == ["gone"] and "gone" in failures["gone"] and "no answer" in failures["gone"]
     assert {o.device: o.source for o in seen} == {"d0": "measured", "d1": "measured", "gone": failures["gone"]}
     assert load_profile(out / "d0.json") == next(p for p in profiles if p.device == "d0")
 
     seen.clear()
-    profile_cluster(cluster, profile_bundle_dir, out, (1,), on_device=seen.append)
+    profile_cluster(cluster, profile_bundle_dir, out, (1,), on_device=seen.append, keypair=WS)
     assert {o.device: o.source for o in seen if o.profile} == {"d0": "reused", "d1": "reused"}
 
     # a stored profile from another ONNX Runtime version or thread count is measured again
@@ -42,21 +44,21 @@ def test_profile_cluster_measures_reuses_and_names_the_unreachable(daemons, prof
     save_profile(out / "d0.json", dataclasses.replace(stale, ort_version="0.0.1"))
     save_profile(out / "d1.json", dataclasses.replace(load_profile(out / "d1.json"), threads=3))
     seen.clear()
-    profile_cluster(cluster, profile_bundle_dir, out, (1,), on_device=seen.append)
+    profile_cluster(cluster, profile_bundle_dir, out, (1,), on_device=seen.append, keypair=WS)
     assert {o.device: o.source for o in seen if o.profile} == {"d0": "measured", "d1": "measured"}
     assert load_profile(out / "d0.json").ort_version == stale.ort_version
     assert load_profile(out / "d1.json").threads == 1
 
     # other microbatch sizes are another key, too
     seen.clear()
-    profile_cluster(cluster, profile_bundle_dir, out, (1, 2), on_device=seen.append)
+    profile_cluster(cluster, profile_bundle_dir, out, (1, 2), on_device=seen.append, keypair=WS)
     assert {o.device: o.source for o in seen if o.profile} == {"d0": "measured", "d1": "measured"}
 
 
 def test_stored_profiles_for_another_model_or_device_are_refused(daemons, profile_bundle_dir, tmp_path) -> None:
     cluster = load_cluster(write_cluster(tmp_path / "c.toml", daemons))
     out = tmp_path / "profiles"
-    _, failures = profile_cluster(cluster, profile_bundle_dir, out, (1,))
+    _, failures = profile_cluster(cluster, profile_bundle_dir, out, (1,), keypair=WS)
     assert not failures
     spec = spec_of(profile_bundle_dir)
     usable, missing = load_device_profiles(out, cluster, spec)
@@ -72,7 +74,7 @@ def test_stored_profiles_for_another_model_or_device_are_refused(daemons, profil
 
 def test_probe_links_measures_every_pair(daemons, tmp_path) -> None:
     cluster = load_cluster(write_cluster(tmp_path / "c.toml", {**daemons, "gone": dead_endpoint()}))
-    links, failures = probe_links(cluster, tmp_path, tensor_bytes=256 * 1024, count=3, seconds=3)
+    links, failures = probe_links(cluster, tmp_path, tensor_bytes=256 * 1024, count=3, seconds=3, keypair=WS)
     assert [(k.a, k.b) for k in links] == [("d0", "d1")]
     assert links[0].bandwidth_mbps > 0 and links[0].latency_s > 0
     assert list(failures) == ["gone"]
