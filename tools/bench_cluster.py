@@ -131,7 +131,7 @@ def profile_devices(setup: Setup, bed: Any, cluster_path: Path, work: Path) -> t
         started = time.perf_counter()
         profiles, failures = profile_cluster(cluster, setup.profile_bundle, work / "profiles", (setup.microbatch,),
                                              threads=1, parallel=setup.profile_mode == "parallel",
-                                             repeats=setup.rounds)
+                                             repeats=setup.rounds, keypair=None)  # insecure daemons
         took = time.perf_counter() - started
     finally:
         stop_processes(controls, timeout_s=30)

@@ -118,15 +118,19 @@ def run_on_bed(bed: Testbed, bundle_dirs: list[Path], stage_devices: list[str], 
 
 def start_controls(bed: Testbed, devices: list[str], workdir: Path, port: int = CONTROL_PORT,
                    threads: int = 1) -> list[subprocess.Popen]:
-    """``edgepipe-agent control`` in each device (the profiling daemon), started and ready."""
+    """``edgepipe-agent control`` in each device (the profiling daemon, insecure), started and ready;
+    profile them with ``keypair=None``."""
     procs = []
     try:
         for d in devices:
             ready = workdir / f"control-{d}.json"
             ready.unlink(missing_ok=True)
             log = (workdir / f"control-{d}.log").open("w")
+            # --insecure: the testbed is an isolated network this run created, and what is measured is
+            # the devices' compute, not the control channel (edgepipe-compile --profile is secure)
             procs.append(bed.run_in(d, [AGENT, "control", "--listen", bed.endpoint(d, port), "--device", d,
-                                        "--threads", str(threads), "--ready-file", str(ready)],
+                                        "--threads", str(threads), "--ready-file", str(ready), "--insecure",
+                                        "--state-dir", str(workdir / f"state-{d}")],
                                     stdout=log, stderr=subprocess.STDOUT))
         _wait_ready([workdir / f"control-{d}.json" for d in devices], procs)
     except BaseException:
