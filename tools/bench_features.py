@@ -158,8 +158,8 @@ def cluster_toml(case: Case, setup: Setup) -> str:
 def calibrate_int8(model: str, microbatch: int, workdir: Path) -> float:
     """GFLOPS one core sustains on ``model`` with int8 weights (the whole model quantized the way
     stages are), to set each kind's int8 speed for the planner."""
-    from bench_cluster import _spec
     from edgepipe.agent.device.profiler import random_feeds, time_runs
+    from edgepipe.agent.formats.bundle import TensorSpec
     from edgepipe.compiler.build import candidate_cuts, load_model, spec_for
     from edgepipe.compiler.compression import cpu_session
     from edgepipe.compiler.quantize import quantize_onnx
@@ -170,7 +170,9 @@ def calibrate_int8(model: str, microbatch: int, workdir: Path) -> float:
     if not path.is_file():
         quantize_onnx(loaded.path, path)
     session = cpu_session(path, threads=1)
-    feeds = random_feeds([_spec(i) for i in session.get_inputs()], microbatch)
+    specs = [TensorSpec(i.name, "float32", tuple(d if isinstance(d, int) else "batch" for d in i.shape))
+             for i in session.get_inputs()]  # as bench_cluster.calibrate builds them
+    feeds = random_feeds(specs, microbatch)
     return flops * microbatch / time_runs(session, feeds, repeats=3, warmup=1) / 1e9
 
 
@@ -236,7 +238,6 @@ def run_plan(cluster_path: Path, bundle_dirs: list[Path], wiring: list[dict[str,
     from edgepipe.agent.formats.bundle import read_manifest
     from edgepipe.agent.formats.keys import generate_keypair
     from testbed import Testbed
-    from testbed_pipeline import _wait_ready
 
     keys_dir = workdir / "keys"
     devices = sorted({d for row in wiring for d in row["devices"]})
@@ -248,7 +249,7 @@ def run_plan(cluster_path: Path, bundle_dirs: list[Path], wiring: list[dict[str,
     first = read_manifest(bundle_dirs[0]).inputs[0]
     started = time.perf_counter()
     with Testbed(cluster_path, name=f"feat-{uuid.uuid4().hex[:6]}") as bed:
-        procs, ready = [], []
+        procs, ready, logs = [], [], []
         for k in reversed(range(len(wiring))):
             row = wiring[k]
             for device in row["devices"]:
@@ -276,9 +277,14 @@ def run_plan(cluster_path: Path, bundle_dirs: list[Path], wiring: list[dict[str,
                         argv += ["--allow-client", str(keys["client"][1])]
                 else:
                     argv.append("--insecure")
-                procs.append(bed.run_in(device, argv, stderr=subprocess.PIPE, text=True))
+                # A log file, not a pipe: nobody reads an agent's stderr while it runs, and a full pipe
+                # would block the agent in its next log call.
+                log_path = workdir / f"agent-{k}-{device}.log"
+                with open(log_path, "w") as log:
+                    procs.append(bed.run_in(device, argv, stdout=subprocess.DEVNULL, stderr=log))
+                logs.append(log_path)
                 ready.append(ready_file)
-        _wait_ready(ready, procs)
+        wait_ready(ready, procs, logs)
         entry = [bed.endpoint(d, DATA_PORT) for d in wiring[0]["devices"]]
         exit_ = [bed.endpoint(d, RESULTS_PORT) for d in wiring[-1]["devices"]]
         auth: dict[str, Any] = {"insecure": True}
@@ -293,6 +299,21 @@ def run_plan(cluster_path: Path, bundle_dirs: list[Path], wiring: list[dict[str,
     span = arrivals[-1] - arrivals[0] if len(arrivals) > 1 else float("nan")
     return Run(samples / span if span > 0 else float("nan"), [next(iter(r.outputs.values())) for r in results],
                time.perf_counter() - started)
+
+
+def wait_ready(ready_files: list[Path], procs: list[subprocess.Popen], logs: list[Path],
+               timeout_s: float = 600.0) -> None:
+    """Until every agent has written its ready file; an agent that exits or a timeout raises with the
+    end of the agent's log (ViT-L stages on a fraction of a core take a while to load)."""
+    deadline = time.monotonic() + timeout_s
+    while not all(p.exists() for p in ready_files):
+        for proc, log in zip(procs, logs):
+            if proc.poll() is not None:
+                raise RuntimeError(f"agent {log.stem} exited with {proc.returncode}: {log.read_text()[-500:]}")
+        if time.monotonic() > deadline:
+            late = [p.stem for p in ready_files if not p.exists()]
+            raise RuntimeError(f"agents not ready after {timeout_s:.0f} s: {', '.join(late)}")
+        time.sleep(0.2)
 
 
 # --- one case end to end ------------------------------------------------------------------------
@@ -326,7 +347,13 @@ def measure_case(case: Case, setup: Setup) -> dict[str, Any]:
         return row
     lossy = LossyOptions(max_error=parse_error_budget(case.max_error), calibration_samples=setup.samples) \
         if case.max_error else None
-    built = compile_model(setup.model, work / "bundles", plan=plan, lossy=lossy)
+    # Same cuts, int8 stages and codecs (a baseline at both rates, say): the same bundles and error.
+    key = (setup.model, tuple(row["cuts"]), tuple(w["int8_weights"] for w in wiring),
+           tuple(w["codec_out"] for w in wiring[:-1]), case.max_error)
+    if key not in _BUILDS:
+        _BUILDS[key] = compile_model(setup.model, work / "bundles", plan=plan, lossy=lossy)
+    built = _BUILDS[key]
+    row["bundles"] = str(built.out_dir)
     row["deployed_error"] = None if built.accuracy is None else built.accuracy.measured.to_dict()
     batches, expected = reference(setup, built.model_path)
     run = run_plan(cluster_path, built.bundle_dirs, wiring, batches, setup.secure, work)
@@ -342,6 +369,7 @@ def slug(text: str) -> str:
 
 
 _REFERENCE: dict[tuple, tuple[list[np.ndarray], list[np.ndarray]]] = {}
+_BUILDS: dict[tuple, Any] = {}  # compile results by what they contain
 
 
 def reference(setup: Setup, model_path: Path) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -434,6 +462,8 @@ def make_setup(model: str, microbatch: int, count: int, out: Path, samples: int,
     from edgepipe.compiler.calibration import registry_calibration
     from edgepipe.compiler.compression import measure_lossy
 
+    RESULTS.update({"started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+                    "load_average_before": os.getloadavg(), "machine": machine()})
     if not plan_only:
         problem = emulate.host_problem()
         if problem:
@@ -451,12 +481,24 @@ def make_setup(model: str, microbatch: int, count: int, out: Path, samples: int,
     return Setup(model, microbatch, count, out, core, core_int8, samples, secure, plan_only, measurements)
 
 
+def machine() -> dict[str, Any]:
+    import platform
+
+    import onnxruntime
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return {"cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
+            "onnxruntime": onnxruntime.__version__}
+
+
 def _finish(setup: Setup, rows: list[dict[str, Any]], as_json: Path | None) -> None:
     print_rows(rows)
     RESULTS.update({"model": setup.model, "microbatch": setup.microbatch, "count": setup.count,
                     "core_gflops": setup.core_gflops, "int8_core_gflops": setup.int8_core_gflops,
                     "secure": setup.secure, "plan_only": setup.plan_only, "rows": rows, "speedups": speedups(rows),
-                    "load_average_after": os.getloadavg()})
+                    "load_average_after": os.getloadavg(),
+                    "finished_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())})
     if as_json is not None:
         as_json.parent.mkdir(parents=True, exist_ok=True)
         as_json.write_text(json.dumps(RESULTS, indent=2, default=str) + "\n")
