@@ -291,7 +291,8 @@ def run_plan(cluster_path: Path, bundle_dirs: list[Path], wiring: list[dict[str,
         if secure:
             auth = {"keypair": keys["client"][0], "entry_key": [keys[d][0].public for d in wiring[0]["devices"]],
                     "exit_key": [keys[d][0].public for d in wiring[-1]["devices"]]}
-        with Client(entry, exit_, window=2 * len(wiring) + 2, **auth) as client:
+        # Enough in flight to keep every device busy: replicas count, not only stages.
+        with Client(entry, exit_, window=2 * len(devices) + 2, **auth) as client:
             client.run({first.name: batches[0]})  # warm-up, not timed
             results = list(client.results({first.name: b} for b in batches[1:]))
     arrivals = sorted(r.received_at for r in results)
