@@ -240,6 +240,7 @@ class Run:
     outputs: list[np.ndarray]
     seconds: float
     arrivals: list[float] = field(default_factory=list)  # seconds after the first result
+    stages: list[dict[str, float]] = field(default_factory=list)  # per stage, from the trace records
 
 
 def stage_wiring(plan: Any) -> list[dict[str, Any]]:
@@ -325,7 +326,23 @@ def run_plan(cluster_path: Path, bundle_dirs: list[Path], wiring: list[dict[str,
     samples = sum(len(b) for b in batches[2:])  # steady state: first result to last, all but the first's
     span = arrivals[-1] - arrivals[0] if len(arrivals) > 1 else float("nan")
     return Run(samples / span if span > 0 else float("nan"), [next(iter(r.outputs.values())) for r in results],
-               time.perf_counter() - started, [t - arrivals[0] for t in arrivals])
+               time.perf_counter() - started, [t - arrivals[0] for t in arrivals], stage_times(results))
+
+
+def stage_times(results: list[Any]) -> list[dict[str, float]]:
+    """Per stage, medians over the timed results from the stages' own records (each on its own
+    device's clock, so only differences within a record): waiting before compute (the input queue),
+    compute, and compute end to handing the result to the next hop's socket (encode, credit)."""
+    import statistics
+
+    stages = max((len(r.trace) for r in results), default=0)
+    rows = []
+    for k in range(stages):
+        recs = [r.trace[k] for r in results if len(r.trace) > k]
+        rows.append({"queue_s": statistics.median(x.compute_start - x.recv for x in recs),
+                     "compute_s": statistics.median(x.compute_end - x.compute_start for x in recs),
+                     "out_s": statistics.median(x.send - x.compute_end for x in recs)})
+    return rows
 
 
 def wait_ready(ready_files: list[Path], procs: list[subprocess.Popen], logs: list[Path],
@@ -388,7 +405,10 @@ def measure_case(case: Case, setup: Setup) -> dict[str, Any]:
     row.update({"measured_throughput": run.throughput,
                 "prediction_error_pct": 100.0 * (row["predicted_throughput"] - run.throughput) / run.throughput,
                 "measured_error": measured.to_dict(), "run_seconds": run.seconds, "arrivals_s": run.arrivals,
-                "second_half_throughput": second_half(run.arrivals, setup.microbatch)})
+                "second_half_throughput": second_half(run.arrivals, setup.microbatch),
+                "predicted_stages": [{"compute_s": s.compute_s, "send_s": s.send_s, "time_s": s.time_s}
+                                     for s in plan.stages],
+                "measured_stages": run.stages})
     return row
 
 
