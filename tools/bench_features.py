@@ -26,6 +26,7 @@ runtime (`serve --codec`, replicated `--next`) and the planner v2 (error budgets
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -94,6 +95,7 @@ class Setup:
     secure: bool
     plan_only: bool
     measurements: Any = None  # compiler.compression.LossyMeasurements (for budgets)
+    heartbeat_s: float | None = None  # serve/Client --heartbeat-s (None: the agent's default)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -257,7 +259,8 @@ def stage_wiring(plan: Any) -> list[dict[str, Any]]:
 
 
 def run_plan(cluster_path: Path, bundle_dirs: list[Path], wiring: list[dict[str, Any]], batches: list[np.ndarray],
-             secure: bool, workdir: Path, threads: int = 1, timeout_s: float = 900.0) -> Run:
+             secure: bool, workdir: Path, threads: int = 1, timeout_s: float = 900.0,
+             heartbeat_s: float | None = None) -> Run:
     """Serve every stage on each of its replica devices (data plane v2: `--next` once per downstream
     replica, `--codec` on the output hop, CurveZMQ keys unless insecure) and push ``batches`` through
     (the first one untimed)."""
@@ -287,6 +290,8 @@ def run_plan(cluster_path: Path, bundle_dirs: list[Path], wiring: list[dict[str,
                         "--ready-file", str(ready_file), "--log-level", "warning",
                         "--max-batch", str(max(len(b) for b in batches)), "--device", device,
                         "--codec", row["codec_out"] if k + 1 < len(wiring) else "raw"]
+                if heartbeat_s is not None:
+                    argv += ["--heartbeat-s", f"{heartbeat_s:g}"]
                 if k + 1 < len(wiring):
                     nxt = wiring[k + 1]
                     for peer, weight in zip(nxt["devices"], nxt["weights"]):
@@ -314,10 +319,12 @@ def run_plan(cluster_path: Path, bundle_dirs: list[Path], wiring: list[dict[str,
         wait_ready(ready, procs, logs)
         entry = [bed.endpoint(d, DATA_PORT) for d in wiring[0]["devices"]]
         exit_ = [bed.endpoint(d, RESULTS_PORT) for d in wiring[-1]["devices"]]
-        auth: dict[str, Any] = {"insecure": True}
+        beat: dict[str, Any] = {} if heartbeat_s is None else {"heartbeat_s": heartbeat_s}
+        auth: dict[str, Any] = {"insecure": True, **beat}
         if secure:
             auth = {"keypair": keys["client"][0], "entry_key": [keys[d][0].public for d in wiring[0]["devices"]],
-                    "exit_key": [keys[d][0].public for d in wiring[-1]["devices"]]}
+                    "exit_key": [keys[d][0].public for d in wiring[-1]["devices"]],
+                    **beat}
         # Enough in flight to keep every device busy: replicas count, not only stages.
         with Client(entry, exit_, window=2 * len(devices) + 2, **auth) as client:
             client.run({first.name: batches[0]})  # warm-up, not timed
@@ -400,7 +407,8 @@ def measure_case(case: Case, setup: Setup) -> dict[str, Any]:
     row["bundles"] = str(built.out_dir)
     row["deployed_error"] = None if built.accuracy is None else built.accuracy.measured.to_dict()
     batches, expected = reference(setup, built.model_path)
-    run = run_plan(cluster_path, built.bundle_dirs, wiring, batches, setup.secure, work)
+    run = run_plan(cluster_path, built.bundle_dirs, wiring, batches, setup.secure, work, heartbeat_s=setup.heartbeat_s)
+    row["false_downs"] = count_declared_down(work)
     measured = output_error(expected, [np.concatenate(run.outputs)], classifier=True)
     row.update({"measured_throughput": run.throughput,
                 "prediction_error_pct": 100.0 * (row["predicted_throughput"] - run.throughput) / run.throughput,
@@ -410,6 +418,12 @@ def measure_case(case: Case, setup: Setup) -> dict[str, Any]:
                                      for s in plan.stages],
                 "measured_stages": run.stages})
     return row
+
+
+def count_declared_down(work: Path) -> int:
+    """Neighbours the agents declared down during the run (all were alive: a busy slow link delays
+    heartbeats past the silence limit; downstream ones move messages to other replicas)."""
+    return sum(log.read_text(errors="replace").count("declared down") for log in work.glob("agent-*.log"))
 
 
 def second_half(arrivals: list[float], microbatch: int) -> float:
@@ -554,7 +568,7 @@ def _finish(setup: Setup, rows: list[dict[str, Any]], as_json: Path | None) -> N
     RESULTS.update({"model": setup.model, "microbatch": setup.microbatch, "count": setup.count,
                     "core_gflops": setup.core_gflops, "int8_core_gflops": setup.int8_core_gflops,
                     "secure": setup.secure, "plan_only": setup.plan_only, "rows": rows, "speedups": speedups(rows),
-                    "load_average_after": os.getloadavg(),
+                    "heartbeat_s": setup.heartbeat_s, "load_average_after": os.getloadavg(),
                     "finished_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())})
     if as_json is not None:
         as_json.parent.mkdir(parents=True, exist_ok=True)
@@ -609,11 +623,15 @@ def all_cmd(model: ModelOpt = LARGE, microbatch: MbOpt = 1, count: CountOpt = 4,
             out: OutOpt = Path("build/bench-features"), budget: BudgetOpt = DEFAULT_BUDGET, samples: SamplesOpt = 8,
             cores: CoresOpt = float(os.cpu_count() or 2), secure: SecureOpt = True, plan_only: PlanOnlyOpt = False,
             as_json: JsonOpt = None,
+            heartbeat_s: Annotated[float | None, typer.Option(
+                help="--heartbeat-s for every agent and the client (a neighbour silent for 3 intervals is "
+                     "declared down); default: the agent's.")] = None,
             only: Annotated[list[str] | None, typer.Option(
                 help="Only configurations whose 'scenario: label' contains this text (repeatable), e.g. "
                      "--only replicate --only 'paper@5 Mbps: ours +'.")] = None) -> None:
     """compress, replicate and paper in one run (one calibration)."""
     setup = make_setup(model, microbatch, count, out, samples, secure, plan_only, budgets=True)
+    setup = dataclasses.replace(setup, heartbeat_s=heartbeat_s)
     cases = (compress_cases("5 Mbps", budget) + compress_cases("20 Mbps", budget) + replicate_cases("5 Mbps")
              + paper_cases("1 Gbps", budget, cores) + paper_cases("5 Mbps", budget, cores))
     if only:
