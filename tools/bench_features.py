@@ -56,6 +56,7 @@ GATEWAY_RATE = "1 Gbps"
 DATA_PORT, RESULTS_PORT = 5550, 5551
 AGENT = str(Path(sys.executable).parent / "edgepipe-agent")
 PAPER_TOML = Path(__file__).parents[1] / "planner" / "examples" / "paper-testbed.toml"
+FANOUT = "fan-out"  # a hand-made replicated plan (replicate scenario)
 
 
 # --- configurations -----------------------------------------------------------------------------
@@ -94,6 +95,7 @@ class Setup:
     secure: bool
     plan_only: bool
     measurements: Any = None  # compiler.compression.LossyMeasurements (for budgets)
+    heartbeat_s: float | None = None  # serve/Client --heartbeat-s (None: the agent's default)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -110,7 +112,8 @@ def replicate_cases(slow_rate: str) -> list[Case]:
                *(DeviceRow(f"slow-{i}", "slow", 0.4, "4 GiB", slow_rate) for i in range(3)))
     scenario = f"replicate@{slow_rate}"
     return [Case(scenario, "pipeline only", devices, max_replicas=1),
-            Case(scenario, "with replication", devices, max_replicas=None)]
+            Case(scenario, "with replication", devices, max_replicas=None),
+            Case(scenario, "fast -> 3 slow replicas (forced)", devices, planner=FANOUT)]
 
 
 def paper_devices(rate: str, cores: float) -> tuple[DeviceRow, ...]:
@@ -204,7 +207,30 @@ def plan_case(case: Case, setup: Setup, problem: Any) -> Any:
 
     if case.planner == "ours":
         return solve(problem, max_replicas=case.max_replicas)
+    if case.planner == FANOUT:
+        return fanout_plan(problem, setup.microbatch)
     return all_baselines(problem, setup.microbatch)[case.planner]
+
+
+def fanout_plan(problem: Any, microbatch: int) -> Any:
+    """The configuration replication is meant for, built by hand: the first device computes a prefix
+    and fans out to every other device, which all replicate the rest. The cut balances compute only
+    (the first device's prefix against the replicas' suffix shared by speed): today's cost model
+    charges the first device's sends to its replicas one after another, so the solver does not pick
+    this (the fan-out model is being changed on another branch); measuring it shows what it gives."""
+    from edgepipe.planner.cost import Placement, make_plan
+
+    first, rest = problem.devices[0].name, tuple(d.name for d in problem.devices[1:])
+    n = len(problem.model.segments)
+    best = None
+    for cut in range(1, n):
+        plan = make_plan(problem, microbatch, [Placement((first,), 0, cut), Placement(rest, cut, n)],
+                         solver="fan-out (forced)")
+        head, tail = plan.stages
+        compute = max(head.compute_s, tail.compute_s / len(rest))
+        if best is None or compute < best[0]:
+            best = (compute, plan)
+    return best[1]
 
 
 # --- running a plan on the testbed --------------------------------------------------------------
@@ -215,6 +241,8 @@ class Run:
     throughput: float
     outputs: list[np.ndarray]
     seconds: float
+    arrivals: list[float] = field(default_factory=list)  # seconds after the first result
+    stages: list[dict[str, float]] = field(default_factory=list)  # per stage, from the trace records
 
 
 def stage_wiring(plan: Any) -> list[dict[str, Any]]:
@@ -232,7 +260,7 @@ def stage_wiring(plan: Any) -> list[dict[str, Any]]:
 
 def run_plan(cluster_path: Path, bundle_dirs: list[Path], wiring: list[dict[str, Any]], batches: list[np.ndarray],
              secure: bool, workdir: Path, threads: int = 1, timeout_s: float = 900.0,
-             serve_args: tuple[str, ...] = ()) -> Run:
+             serve_args: tuple[str, ...] = (), heartbeat_s: float | None = None) -> Run:
     """Serve every stage on each of its replica devices (data plane v2: `--next` once per downstream
     replica, `--codec` on the output hop, CurveZMQ keys unless insecure) and push ``batches`` through
     (the first one untimed)."""
@@ -240,7 +268,6 @@ def run_plan(cluster_path: Path, bundle_dirs: list[Path], wiring: list[dict[str,
     from edgepipe.agent.formats.bundle import read_manifest
     from edgepipe.agent.formats.keys import generate_keypair
     from testbed import Testbed
-    from testbed_pipeline import _wait_ready
 
     keys_dir = workdir / "keys"
     devices = sorted({d for row in wiring for d in row["devices"]})
@@ -252,7 +279,7 @@ def run_plan(cluster_path: Path, bundle_dirs: list[Path], wiring: list[dict[str,
     first = read_manifest(bundle_dirs[0]).inputs[0]
     started = time.perf_counter()
     with Testbed(cluster_path, name=f"feat-{uuid.uuid4().hex[:6]}") as bed:
-        procs, ready = [], []
+        procs, ready, logs = [], [], []
         for k in reversed(range(len(wiring))):
             row = wiring[k]
             for device in row["devices"]:
@@ -263,6 +290,8 @@ def run_plan(cluster_path: Path, bundle_dirs: list[Path], wiring: list[dict[str,
                         "--ready-file", str(ready_file), "--log-level", "warning",
                         "--max-batch", str(max(len(b) for b in batches)), "--device", device,
                         "--codec", row["codec_out"] if k + 1 < len(wiring) else "raw", *serve_args]
+                if heartbeat_s is not None:
+                    argv += ["--heartbeat-s", f"{heartbeat_s:g}"]
                 if k + 1 < len(wiring):
                     nxt = wiring[k + 1]
                     for peer, weight in zip(nxt["devices"], nxt["weights"]):
@@ -280,23 +309,62 @@ def run_plan(cluster_path: Path, bundle_dirs: list[Path], wiring: list[dict[str,
                         argv += ["--allow-client", str(keys["client"][1])]
                 else:
                     argv.append("--insecure")
-                procs.append(bed.run_in(device, argv, stderr=subprocess.PIPE, text=True))
+                # A log file, not a pipe: nobody reads an agent's stderr while it runs, and a full pipe
+                # would block the agent in its next log call.
+                log_path = workdir / f"agent-{k}-{device}.log"
+                with open(log_path, "w") as log:
+                    procs.append(bed.run_in(device, argv, stdout=subprocess.DEVNULL, stderr=log))
+                logs.append(log_path)
                 ready.append(ready_file)
-        _wait_ready(ready, procs)
+        wait_ready(ready, procs, logs)
         entry = [bed.endpoint(d, DATA_PORT) for d in wiring[0]["devices"]]
         exit_ = [bed.endpoint(d, RESULTS_PORT) for d in wiring[-1]["devices"]]
-        auth: dict[str, Any] = {"insecure": True}
+        beat: dict[str, Any] = {} if heartbeat_s is None else {"heartbeat_s": heartbeat_s}
+        auth: dict[str, Any] = {"insecure": True, **beat}
         if secure:
             auth = {"keypair": keys["client"][0], "entry_key": [keys[d][0].public for d in wiring[0]["devices"]],
-                    "exit_key": [keys[d][0].public for d in wiring[-1]["devices"]]}
-        with Client(entry, exit_, window=2 * len(wiring) + 2, **auth) as client:
+                    "exit_key": [keys[d][0].public for d in wiring[-1]["devices"]],
+                    **beat}
+        # Enough in flight to keep every device busy: replicas count, not only stages.
+        with Client(entry, exit_, window=2 * len(devices) + 2, **auth) as client:
             client.run({first.name: batches[0]})  # warm-up, not timed
             results = list(client.results({first.name: b} for b in batches[1:]))
     arrivals = sorted(r.received_at for r in results)
     samples = sum(len(b) for b in batches[2:])  # steady state: first result to last, all but the first's
     span = arrivals[-1] - arrivals[0] if len(arrivals) > 1 else float("nan")
     return Run(samples / span if span > 0 else float("nan"), [next(iter(r.outputs.values())) for r in results],
-               time.perf_counter() - started)
+               time.perf_counter() - started, [t - arrivals[0] for t in arrivals], stage_times(results))
+
+
+def stage_times(results: list[Any]) -> list[dict[str, float]]:
+    """Per stage, medians over the timed results from the stages' own records (each on its own
+    device's clock, so only differences within a record): waiting before compute (the input queue),
+    compute, and compute end to handing the result to the next hop's socket (encode, credit)."""
+    import statistics
+
+    stages = max((len(r.trace) for r in results), default=0)
+    rows = []
+    for k in range(stages):
+        recs = [r.trace[k] for r in results if len(r.trace) > k]
+        rows.append({"queue_s": statistics.median(x.compute_start - x.recv for x in recs),
+                     "compute_s": statistics.median(x.compute_end - x.compute_start for x in recs),
+                     "out_s": statistics.median(x.send - x.compute_end for x in recs)})
+    return rows
+
+
+def wait_ready(ready_files: list[Path], procs: list[subprocess.Popen], logs: list[Path],
+               timeout_s: float = 600.0) -> None:
+    """Until every agent has written its ready file; an agent that exits or a timeout raises with the
+    end of the agent's log (ViT-L stages on a fraction of a core take a while to load)."""
+    deadline = time.monotonic() + timeout_s
+    while not all(p.exists() for p in ready_files):
+        for proc, log in zip(procs, logs):
+            if proc.poll() is not None:
+                raise RuntimeError(f"agent {log.stem} exited with {proc.returncode}: {log.read_text()[-500:]}")
+        if time.monotonic() > deadline:
+            late = [p.stem for p in ready_files if not p.exists()]
+            raise RuntimeError(f"agents not ready after {timeout_s:.0f} s: {', '.join(late)}")
+        time.sleep(0.2)
 
 
 # --- one case end to end ------------------------------------------------------------------------
@@ -330,16 +398,41 @@ def measure_case(case: Case, setup: Setup) -> dict[str, Any]:
         return row
     lossy = LossyOptions(max_error=parse_error_budget(case.max_error), calibration_samples=setup.samples) \
         if case.max_error else None
-    built = compile_model(setup.model, work / "bundles", plan=plan, lossy=lossy)
+    # Same cuts, int8 stages and codecs (a baseline at both rates, say): the same bundles and error.
+    key = (setup.model, tuple(row["cuts"]), tuple(w["int8_weights"] for w in wiring),
+           tuple(w["codec_out"] for w in wiring[:-1]), case.max_error)
+    if key not in _BUILDS:
+        _BUILDS[key] = compile_model(setup.model, work / "bundles", plan=plan, lossy=lossy)
+    built = _BUILDS[key]
+    row["bundles"] = str(built.out_dir)
     row["deployed_error"] = None if built.accuracy is None else built.accuracy.measured.to_dict()
     batches, expected = reference(setup, built.model_path)
     run = run_plan(cluster_path, built.bundle_dirs, wiring, batches, setup.secure, work,
-                   serve_args=setup.extra.get("serve_args", ()))
+                   serve_args=setup.extra.get("serve_args", ()), heartbeat_s=setup.heartbeat_s)
+    row["false_downs"] = count_declared_down(work)
     measured = output_error(expected, [np.concatenate(run.outputs)], classifier=True)
     row.update({"measured_throughput": run.throughput,
                 "prediction_error_pct": 100.0 * (row["predicted_throughput"] - run.throughput) / run.throughput,
-                "measured_error": measured.to_dict(), "run_seconds": run.seconds})
+                "measured_error": measured.to_dict(), "run_seconds": run.seconds, "arrivals_s": run.arrivals,
+                "second_half_throughput": second_half(run.arrivals, setup.microbatch),
+                "predicted_stages": [{"compute_s": s.compute_s, "send_s": s.send_s, "time_s": s.time_s}
+                                     for s in plan.stages],
+                "measured_stages": run.stages})
     return row
+
+
+def count_declared_down(work: Path) -> int:
+    """Neighbours the agents declared down during the run (all were alive: a busy slow link delays
+    heartbeats past the silence limit; downstream ones move messages to other replicas)."""
+    return sum(log.read_text(errors="replace").count("declared down") for log in work.glob("agent-*.log"))
+
+
+def second_half(arrivals: list[float], microbatch: int) -> float:
+    """Throughput over the later half of the results only: a check that the pipeline (replicas
+    included) had reached its steady state, which first-to-last averages over."""
+    half = arrivals[len(arrivals) // 2:]
+    span = half[-1] - half[0] if len(half) > 1 else 0.0
+    return (len(half) - 1) * microbatch / span if span > 0 else float("nan")
 
 
 def slug(text: str) -> str:
@@ -347,6 +440,7 @@ def slug(text: str) -> str:
 
 
 _REFERENCE: dict[tuple, tuple[list[np.ndarray], list[np.ndarray]]] = {}
+_BUILDS: dict[tuple, Any] = {}  # compile results by what they contain
 
 
 def reference(setup: Setup, model_path: Path) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -381,14 +475,15 @@ def run_cases(cases: list[Case], setup: Setup) -> list[dict[str, Any]]:
 
 # --- report -------------------------------------------------------------------------------------
 
-TARGETS = {"compress@5 Mbps": ("compressed", "fp32", 2.0), "replicate@5 Mbps": ("with", "pipeline", 1.3),
-           "paper@5 Mbps": ("ours +", "PipeDream", 4.16), "paper@1 Gbps": ("ours +", "PipeDream", 4.16)}
+TARGETS = [("compress@5 Mbps", "compressed", "fp32", 2.0), ("replicate@5 Mbps", "with", "pipeline", 1.3),
+           ("replicate@5 Mbps", "fast ->", "pipeline", 1.3), ("paper@5 Mbps", "ours +", "PipeDream", 4.16),
+           ("paper@1 Gbps", "ours +", "PipeDream", 4.16)]
 
 
 def speedups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per scenario with a target: the new feature's throughput over its comparison's."""
     found = []
-    for scenario, (new, old, target) in TARGETS.items():
+    for scenario, new, old, target in TARGETS:
         pick = [r for r in rows if r.get("scenario") == scenario]
         a = next((r for r in pick if r["label"].startswith(new)), None)
         b = next((r for r in pick if r["label"].startswith(old)), None)
@@ -439,6 +534,8 @@ def make_setup(model: str, microbatch: int, count: int, out: Path, samples: int,
     from edgepipe.compiler.calibration import registry_calibration
     from edgepipe.compiler.compression import measure_lossy
 
+    RESULTS.update({"started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+                    "load_average_before": os.getloadavg(), "machine": machine()})
     if not plan_only:
         problem = emulate.host_problem()
         if problem:
@@ -464,12 +561,24 @@ def make_setup(model: str, microbatch: int, count: int, out: Path, samples: int,
     return Setup(model, microbatch, count, out, core, core_int8, samples, secure, plan_only, measurements)
 
 
+def machine() -> dict[str, Any]:
+    import platform
+
+    import onnxruntime
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return {"cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
+            "onnxruntime": onnxruntime.__version__}
+
+
 def _finish(setup: Setup, rows: list[dict[str, Any]], as_json: Path | None) -> None:
     print_rows(rows)
     RESULTS.update({"model": setup.model, "microbatch": setup.microbatch, "count": setup.count,
                     "core_gflops": setup.core_gflops, "int8_core_gflops": setup.int8_core_gflops,
                     "secure": setup.secure, "plan_only": setup.plan_only, "rows": rows, "speedups": speedups(rows),
-                    "load_average_after": os.getloadavg()})
+                    "heartbeat_s": setup.heartbeat_s, "load_average_after": os.getloadavg(),
+                    "finished_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())})
     if as_json is not None:
         as_json.parent.mkdir(parents=True, exist_ok=True)
         as_json.write_text(json.dumps(RESULTS, indent=2, default=str) + "\n")
@@ -530,15 +639,24 @@ def all_cmd(model: ModelOpt = LARGE, microbatch: MbOpt = 1, count: CountOpt = 4,
             as_json: JsonOpt = None,
             calibration_from: Annotated[Path | None, typer.Option(
                 help="With --plan-only: take the device speeds from an earlier run's --json instead of "
-                     "calibrating (predictions comparable with that run's; nothing is measured).")] = None) -> None:
+                     "calibrating (predictions comparable with that run's; nothing is measured).")] = None,
+            heartbeat_s: Annotated[float | None, typer.Option(
+                help="--heartbeat-s for every agent and the client (a neighbour silent for 3 intervals is "
+                     "declared down); default: the agent's.")] = None,
+            only: Annotated[list[str] | None, typer.Option(
+                help="Only configurations whose 'scenario: label' contains this text (repeatable), e.g. "
+                     "--only replicate --only 'paper@5 Mbps: ours +'.")] = None) -> None:
     """compress, replicate and paper in one run (one calibration)."""
     if calibration_from is not None and not plan_only:
         console.print("error: --calibration-from needs --plan-only (a measured run calibrates on this machine)")
         raise typer.Exit(2)
     setup = make_setup(model, microbatch, count, out, samples, secure, plan_only, budgets=True,
                        calibration_from=calibration_from)
+    setup = dataclasses.replace(setup, heartbeat_s=heartbeat_s)
     cases = (compress_cases("5 Mbps", budget) + compress_cases("20 Mbps", budget) + replicate_cases("5 Mbps")
              + paper_cases("1 Gbps", budget, cores) + paper_cases("5 Mbps", budget, cores))
+    if only:
+        cases = [c for c in cases if any(o.lower() in f"{c.scenario}: {c.label}".lower() for o in only)]
     _finish(setup, run_cases(cases, setup), as_json)
 
 
