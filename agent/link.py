@@ -42,6 +42,9 @@ from edgepipe.agent.formats.wire import (
 from edgepipe.agent.transport import recv_frames
 
 DETECT_FACTOR = 3.0  # a neighbour silent for 3 heartbeat intervals is declared down
+# A neighbour that was declared down but came back as the same process gets 1.5x that silence as its
+# limit from then on (slow links), never more than this.
+MAX_PATIENCE_S = 10.0
 HELLO_S = 0.05  # heartbeats to a neighbour we have not heard from (yet, or since it went down)
 READ_BATCH = 256  # messages read from one socket before the loop looks at the others
 CONTROL_LIMITS = Limits(max_tensors=0)  # acks, heartbeats, refusals: one frame
@@ -66,6 +69,7 @@ class Neighbour:
     down_since: float | None = None
     restarts_seen: int = 0
     down_events: int = 0
+    patience_s: float = 0.0  # a longer silence limit, learnt from a silence this neighbour survived
     created: float = field(default_factory=time.monotonic)
 
     @property
@@ -80,11 +84,16 @@ class Neighbour:
         where = self.where if "://" in self.where else (f"key {self.where[:8]}..." if self.where else "")
         return f"{who} ({where})" if where else who
 
-    def heard(self, now: float) -> str | None:
+    def heard(self, now: float, restarted: bool = False) -> str | None:
         """Any message from the neighbour. Returns "back" when it had been declared down."""
-        self.last_seen = now
+        silence, self.last_seen = now - self.last_seen, now
         if self.up:
             return None
+        if self.heard_once and not restarted:
+            # The same process was there all along: the hop is slower than the limit assumed (a
+            # heartbeat queued behind megabytes on a 5 Mbps link, say). Wait that long next time,
+            # within a bound, so that a real failure is still noticed in seconds.
+            self.patience_s = min(MAX_PATIENCE_S, max(self.patience_s, 1.5 * silence))
         self.up = True
         if not self.heard_once:
             self.heard_once = True
@@ -97,7 +106,7 @@ class Neighbour:
         first = self.inc is None
         self.inc, self.device, self.stage, self.client = hb.inc, hb.device, hb.stage, hb.client
         self.dep, self.gen = hb.dep, hb.gen
-        back = self.heard(now)
+        back = self.heard(now, restarted)
         if restarted:
             self.restarts_seen += 1
             return "restarted"
@@ -106,8 +115,9 @@ class Neighbour:
         return back
 
     def check_silence(self, now: float, timeout_s: float) -> bool:
-        """True the moment the neighbour is declared down (silent for more than ``timeout_s``)."""
-        if self.up and now - self.last_seen > timeout_s:
+        """True the moment the neighbour is declared down (silent for more than ``timeout_s``, or the
+        longer patience it earned)."""
+        if self.up and now - self.last_seen > max(timeout_s, self.patience_s):
             self.up = False
             self.down_since = now
             self.down_events += 1
@@ -119,7 +129,8 @@ class Neighbour:
                 "stage": self.stage, "incarnation": self.inc, "generation": self.gen,
                 "state": "up" if self.up else "down",
                 "last_seen_s": round(now - self.last_seen, 3) if self.heard_once else None,
-                "restarts_seen": self.restarts_seen, "down_events": self.down_events}
+                "restarts_seen": self.restarts_seen, "down_events": self.down_events,
+                "patience_s": round(self.patience_s, 3)}
 
 
 class RateLimitedLog:
