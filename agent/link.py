@@ -425,18 +425,17 @@ class Outbox:
             replica.sock.send(encode_heartbeat(hb), flags=zmq.NOBLOCK)
 
     def _back(self, index: int, now: float, event: str | None, was_down_for: float | None = None) -> None:
-        """A replica that had been declared down is heard from again: what it never acknowledged
-        was probably lost with the connection, so it goes again (it de-duplicates the rest)."""
+        """A replica that had been declared down is heard from again, as the same process. Nothing
+        is sent again here: on a slow link what it has not acknowledged is mostly still on its way,
+        and sending it twice would slow the link further. What was really lost (a broken connection)
+        goes again as soon as its next heartbeat's ``txs`` shows the gap (``_heartbeat``)."""
         if event != "back":
             return
         replica = self.replicas[index]
-        unreceived = [p for p in replica.parcels.values() if not p.received]
-        for parcel in unreceived:
-            replica.detach(parcel)
-        self._requeue(unreceived)
+        waiting = sum(1 for p in replica.parcels.values() if not p.received)
         down = f" after {was_down_for:.1f} s of silence" if was_down_for is not None else ""
-        self._log(logging.WARNING, f"back-{index}", f"downstream {replica.peer.name} is back{down}: "
-                  f"sending {len(unreceived)} unacknowledged messages again")
+        self._log(logging.WARNING, f"back-{index}", f"downstream {replica.peer.name} is back{down}; "
+                  f"{waiting} unacknowledged messages are sent again only if its next heartbeat shows them lost")
 
     def _heartbeat(self, index: int, hb: Heartbeat, now: float) -> None:
         replica = self.replicas[index]
