@@ -23,6 +23,7 @@ from typing import Any
 
 import msgpack
 import zmq
+from edgepipe.agent.formats.bundle import sha256_file
 from edgepipe.agent.formats.control import CHUNK_BYTES, CONTROL_VERSION, ControlError
 from edgepipe.agent.formats.endpoints import DaemonRef, Endpoints, EndpointsError
 from edgepipe.agent.formats.keys import KeyPair, load_public_key
@@ -152,7 +153,7 @@ def request_profile(endpoint: str, bundle_dir: Path, device: str, microbatches: 
 
     The files go to the device's store first, in chunks (what it already has is not sent again),
     so a large bundle over a slow link never becomes one frame that outlives the connection."""
-    files = [FileToSend(_file_sha256(p), p, p.stat().st_size)
+    files = [FileToSend(sha256_file(p), p, p.stat().st_size)
              for p in sorted(q for q in Path(bundle_dir).rglob("*") if q.is_file())]
     entries = [{"path": f.path.relative_to(bundle_dir).as_posix(), "sha256": f.sha256} for f in files]
     header = {"cmd": "profile", "files": entries, "stored": True, "microbatches": sorted(set(microbatches)),
@@ -164,11 +165,6 @@ def request_profile(endpoint: str, bundle_dir: Path, device: str, microbatches: 
         return profile_from_dict(reply.get("profile"), f"{endpoint} profile reply")
     except ProfileError as exc:
         raise ControlError(str(exc)) from None
-
-
-def _file_sha256(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def request_probe(endpoint: str, peer: str, tensor_bytes: int, count: int = 5, seconds: float = 5.0, *,

@@ -35,7 +35,6 @@ import logging
 import os
 import platform
 import queue
-import shutil
 import socket
 import statistics
 import tempfile
@@ -60,7 +59,7 @@ from edgepipe.agent.device.host import (
 )
 from edgepipe.agent.device.profiler import host_facts, profile_bundle
 from edgepipe.agent.device.session import SessionError
-from edgepipe.agent.device.store import DEFAULT_RESERVE_BYTES, BundleStore, StoreError
+from edgepipe.agent.device.store import DEFAULT_RESERVE_BYTES, BundleStore, StoreError, link_or_copy
 from edgepipe.agent.formats.bundle import BundleError, load_bundle
 from edgepipe.agent.formats.control import (
     CLIENT,
@@ -874,7 +873,7 @@ def _profile(device_name: str, default_threads: int, max_request_bytes: int, hea
                 if not obj.is_file():  # objects are checked on arrival, so present means intact
                     raise BadRequest(f"{entry['path']}: not in this device's store; upload it first (have/put)")
                 path.parent.mkdir(parents=True, exist_ok=True)
-                _link(obj, path)
+                link_or_copy(obj, path)
         else:
             for entry, data in zip(files, raw, strict=True):
                 path = _safe_path(root, entry)
@@ -949,13 +948,6 @@ def _echo_times(sock: zmq.Socket, size: int, count: int, deadline: float, peer: 
         if i or count == 1:  # the first round trip also sets up the connection
             times.append(time.perf_counter() - start)
     return times or [time.perf_counter() - start]
-
-
-def _link(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:  # another file system, or links not allowed
-        shutil.copyfile(src, dst)
 
 
 def _safe_path(root: Path, entry: Any) -> Path:

@@ -198,9 +198,9 @@ class BundleStore:
             scratch = self.bundles / f".{target.name}.{os.getpid()}.{time.monotonic_ns()}"
             scratch.mkdir()
             try:
-                _link(manifest_path, scratch / MANIFEST_NAME)
+                link_or_copy(manifest_path, scratch / MANIFEST_NAME)
                 for name, sha in ref.files:
-                    _link(self.objects / sha, scratch / name)
+                    link_or_copy(self.objects / sha, scratch / name)
                 scratch.rename(target)
             except BaseException:
                 shutil.rmtree(scratch, ignore_errors=True)
@@ -222,7 +222,7 @@ class BundleStore:
                 shutil.rmtree(path, ignore_errors=True)
 
 
-def _link(src: Path, dst: Path) -> None:
+def link_or_copy(src: Path, dst: Path) -> None:
     try:
         os.link(src, dst)
     except OSError:  # another filesystem, or links not supported: a copy is as good, only bigger
